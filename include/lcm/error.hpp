@@ -111,6 +111,9 @@ inline boost::system::error_code make_error_code(errc value) noexcept
 template <class T>
 using result = boost::outcome_v2::result<T, boost::system::error_code>;
 
+/// `return success();` ends a function that returns `result<void>` without an error.
+using boost::outcome_v2::success;
+
 /// Maps an error to the HTTP status a server answers with. This is the only such mapping in lcm.
 inline int http_status(const boost::system::error_code& error) noexcept
 {

@@ -1,0 +1,442 @@
+// The CMLWorker aggregate: a CML host, its lifecycle status and its license, with every
+// guard of the license operations inside.
+#pragma once
+
+#include <lcm/domain/events.hpp>
+#include <lcm/domain/license.hpp>
+#include <lcm/domain/secret.hpp>
+#include <lcm/domain/time.hpp>
+#include <lcm/error.hpp>
+
+#include <boost/url/parse.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace lcm::domain {
+
+/// The maximum length of a worker id and of a worker name.
+inline constexpr std::size_t max_worker_id_length = 64;
+inline constexpr std::size_t max_worker_name_length = 128;
+
+/// Checks a worker id: 1 to 64 characters of `[A-Za-z0-9._-]`, so ids are safe in URLs and logs.
+inline bool is_valid_worker_id(std::string_view id) noexcept
+{
+    if (id.empty() || id.size() > max_worker_id_length) {
+        return false;
+    }
+    return std::all_of(id.begin(), id.end(), [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+               c == '-';
+    });
+}
+
+/// Checks a CML base URL: absolute `http` or `https` with a host, and no query or fragment.
+inline bool is_valid_cml_url(std::string_view url) noexcept
+{
+    auto parsed = boost::urls::parse_absolute_uri(url);
+    if (!parsed) {
+        return false;
+    }
+    const auto scheme = parsed->scheme_id();
+    return (scheme == boost::urls::scheme::http || scheme == boost::urls::scheme::https) &&
+           !parsed->encoded_host().empty() && !parsed->has_query() && !parsed->has_fragment();
+}
+
+namespace detail {
+
+inline bool is_valid_worker_name(std::string_view name) noexcept
+{
+    if (name.empty() || name.size() > max_worker_name_length) {
+        return false;
+    }
+    return std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+/// Replaces every occurrence of the secret's clear text in `text` with `<redacted>`.
+inline void redact_in_place(std::string& text, const std::optional<secret>& value)
+{
+    if (!value || value->empty()) {
+        return;
+    }
+    const std::string& clear = value->reveal();
+    for (auto position = text.find(clear); position != std::string::npos; position = text.find(clear, position)) {
+        text.replace(position, clear.size(), secret::redacted_text);
+        position += secret::redacted_text.size();
+    }
+}
+
+} // namespace detail
+
+/// The CMLWorker aggregate root.
+///
+/// Every method that changes state checks its guards first and changes nothing when one
+/// fails. Successful changes record domain events, which the caller takes with
+/// `take_events()` after the worker was saved. The aggregate does no I/O and is not
+/// thread-safe: each caller works on its own copy and saves it with the version it read.
+class cml_worker {
+public:
+    /// Every field of the aggregate except its uncommitted events.
+    struct fields {
+        std::string id;
+        std::string name;
+        std::string cml_url;
+        worker_status status = worker_status::pending;
+        worker_status desired_status = worker_status::running;
+        cml_license license;
+        /// The version of the stored row this state was read from; 0 before the first save.
+        std::uint64_t version = 0;
+        timestamp created_at{};
+        timestamp updated_at{};
+
+        friend bool operator==(const fields&, const fields&) = default;
+    };
+
+    /// Creates a new, unsaved worker and records `worker_created`.
+    /// Fails with `errc::invalid_argument` on a malformed id, name or URL.
+    static result<cml_worker> create(std::string id, std::string name, std::string cml_url, worker_status status,
+                                     std::string_view initiated_by, timestamp now = now_utc())
+    {
+        if (!is_valid_worker_id(id) || !detail::is_valid_worker_name(name) || !is_valid_cml_url(cml_url)) {
+            return errc::invalid_argument;
+        }
+        fields state;
+        state.id = std::move(id);
+        state.name = std::move(name);
+        state.cml_url = std::move(cml_url);
+        state.status = status;
+        state.created_at = now;
+        state.updated_at = now;
+
+        cml_worker worker(std::move(state));
+        worker.events_.push_back(worker_created{
+            {worker.state_.id, 0, now, std::string(initiated_by)}, worker.state_.name, worker.state_.cml_url, status});
+        return worker;
+    }
+
+    /// Rebuilds a stored worker, without events. Fails with `errc::invalid_argument` when the
+    /// fields break an invariant of the aggregate, for example a corrupt row.
+    static result<cml_worker> restore(fields state)
+    {
+        const auto& license = state.license.state();
+        const bool pending = license.pending_operation != license_operation::none;
+        if (!is_valid_worker_id(state.id) || (license.operation_in_progress && !pending) ||
+            (license.pending_operation == license_operation::registration && !license.pending_token) ||
+            (pending && license.operation_id == 0)) {
+            return errc::invalid_argument;
+        }
+        return cml_worker(std::move(state));
+    }
+
+    const fields& state() const noexcept { return state_; }
+    const std::string& id() const noexcept { return state_.id; }
+    const std::string& name() const noexcept { return state_.name; }
+    const std::string& cml_url() const noexcept { return state_.cml_url; }
+    worker_status status() const noexcept { return state_.status; }
+    worker_status desired_status() const noexcept { return state_.desired_status; }
+    const cml_license& license() const noexcept { return state_.license; }
+    std::uint64_t version() const noexcept { return state_.version; }
+    timestamp created_at() const noexcept { return state_.created_at; }
+    timestamp updated_at() const noexcept { return state_.updated_at; }
+
+    /// Returns the events recorded since the worker was created or restored.
+    const std::vector<domain_event>& events() const noexcept { return events_; }
+
+    /// Moves the recorded events out, leaving none.
+    std::vector<domain_event> take_events() noexcept { return std::exchange(events_, {}); }
+
+    /// Sets the version after a repository saved this state. Only repositories call this.
+    void set_version(std::uint64_t version) noexcept { state_.version = version; }
+
+    /// Compares the state and ignores uncommitted events.
+    friend bool operator==(const cml_worker& lhs, const cml_worker& rhs) noexcept { return lhs.state_ == rhs.state_; }
+
+    /// Records a new lifecycle status reported by the infrastructure.
+    /// A change to the current status is a no-op without an event.
+    void change_status(worker_status status, std::string_view initiated_by, timestamp now = now_utc())
+    {
+        if (status == state_.status) {
+            return;
+        }
+        const auto previous = state_.status;
+        state_.status = status;
+        state_.updated_at = now;
+        events_.push_back(worker_status_changed{{state_.id, 0, now, std::string(initiated_by)}, previous, status});
+    }
+
+    /// Records the intent to register `token` on this worker and returns the operation id.
+    ///
+    /// Fails with `invalid_token` for a token outside CML's format, `worker_not_running`,
+    /// `operation_in_progress` while another operation is pending, and `already_registered`
+    /// when the worker holds a license and `reregister` is false. Repeating the pending
+    /// request with the same token and flag returns the same operation id and records nothing.
+    result<std::uint64_t> request_license_registration(secret token, bool reregister, std::string_view initiated_by,
+                                                       timestamp now = now_utc())
+    {
+        const auto& license = state_.license.state_;
+        if (!is_valid_license_token(token.reveal())) {
+            return errc::invalid_token;
+        }
+        if (license.pending_operation == license_operation::registration && license.pending_token == token &&
+            license.reregister == reregister) {
+            return license.operation_id;
+        }
+        if (state_.status != worker_status::running) {
+            return errc::worker_not_running;
+        }
+        if (license.pending_operation != license_operation::none) {
+            return errc::operation_in_progress;
+        }
+        if (license.status == license_status::registered && !reregister) {
+            return errc::already_registered;
+        }
+
+        auto next = begin_operation(license_operation::registration, initiated_by, now);
+        next.pending_token = std::move(token);
+        next.reregister = reregister;
+        commit(std::move(next), now);
+        events_.push_back(license_registration_requested{header(now), reregister});
+        return state_.license.operation_id();
+    }
+
+    /// Records the intent to deregister this worker's license and returns the operation id.
+    ///
+    /// Fails with `worker_not_running`, `operation_in_progress` while another operation is
+    /// pending, and `not_registered` unless the license is registered or in evaluation.
+    /// Repeating the pending request returns the same operation id and records nothing.
+    result<std::uint64_t> request_license_deregistration(std::string_view initiated_by, timestamp now = now_utc())
+    {
+        const auto& license = state_.license.state_;
+        if (license.pending_operation == license_operation::deregistration) {
+            return license.operation_id;
+        }
+        if (state_.status != worker_status::running) {
+            return errc::worker_not_running;
+        }
+        if (license.pending_operation != license_operation::none) {
+            return errc::operation_in_progress;
+        }
+        if (!state_.license.holds_license()) {
+            return errc::not_registered;
+        }
+
+        commit(begin_operation(license_operation::deregistration, initiated_by, now), now);
+        events_.push_back(license_deregistration_requested{header(now)});
+        return state_.license.operation_id();
+    }
+
+    /// Marks the pending operation as started, before a controller makes its first call to CML.
+    /// Starting an operation that is already in progress succeeds and records nothing, so a
+    /// controller that restarted can resume. Fails with `stale_operation` for any operation
+    /// but the pending one, and `worker_not_running`.
+    result<void> start_license_operation(std::uint64_t operation_id, timestamp now = now_utc())
+    {
+        const auto& license = state_.license.state_;
+        if (operation_id != license.operation_id || license.pending_operation == license_operation::none) {
+            return errc::stale_operation;
+        }
+        if (license.operation_in_progress) {
+            return success();
+        }
+        if (state_.status != worker_status::running) {
+            return errc::worker_not_running;
+        }
+
+        auto next = license;
+        next.operation_in_progress = true;
+        next.started_at = now;
+        next.attempts += 1;
+        const auto kind = next.pending_operation;
+        const auto attempt = next.attempts;
+        commit(std::move(next), now);
+        if (kind == license_operation::registration) {
+            events_.push_back(license_registration_started{header(now), attempt});
+        }
+        else {
+            events_.push_back(license_deregistration_started{header(now), attempt});
+        }
+        return success();
+    }
+
+    /// Records that CML completed the registration of the current operation.
+    /// A repeated completion succeeds and records nothing. Fails with `operation_not_started`
+    /// before `start_license_operation`, and `stale_operation` for any other operation.
+    result<void> complete_license_registration(std::uint64_t operation_id, registration_details details,
+                                               timestamp now = now_utc())
+    {
+        BOOST_OUTCOME_TRY(check_finish(operation_id, license_operation::registration, operation_outcome::completed));
+        if (already_finished(operation_id, license_operation::registration, operation_outcome::completed)) {
+            return success();
+        }
+
+        auto next = finish_operation(operation_outcome::completed, now);
+        next.status = license_status::registered;
+        next.token = std::exchange(next.pending_token, std::nullopt);
+        next.expiry_date = details.expiry_date;
+        next.smart_account = std::move(details.smart_account);
+        next.virtual_account = std::move(details.virtual_account);
+        next.authorization_status = std::move(details.authorization_status);
+        next.features = std::move(details.features);
+        next.cml_info = std::move(details.cml_info);
+
+        license_registration_completed event{header(now), next.expiry_date, next.smart_account,
+                                             next.virtual_account, next.authorization_status, {}};
+        for (const auto& feature : next.features) {
+            event.features.push_back(feature.name);
+        }
+        commit(std::move(next), now);
+        events_.push_back(std::move(event));
+        return success();
+    }
+
+    /// Records that the registration of the current operation failed; the license keeps its
+    /// previous status and token. The pending operation may fail before it started, for
+    /// example when the worker stopped. The message is stored with every token redacted.
+    /// A repeated failure succeeds and records nothing; any other operation is `stale_operation`.
+    result<void> fail_license_registration(std::uint64_t operation_id, std::string error_code, std::string message,
+                                           timestamp now = now_utc())
+    {
+        return fail_operation(operation_id, license_operation::registration, std::move(error_code),
+                              std::move(message), now);
+    }
+
+    /// Records that CML deregistered the license of the current operation. `warning` carries
+    /// CML's text when the Cisco licensing service could not be told. A repeated completion
+    /// succeeds and records nothing. Fails like `complete_license_registration`.
+    result<void> complete_license_deregistration(std::uint64_t operation_id, std::optional<std::string> warning,
+                                                 timestamp now = now_utc())
+    {
+        BOOST_OUTCOME_TRY(check_finish(operation_id, license_operation::deregistration, operation_outcome::completed));
+        if (already_finished(operation_id, license_operation::deregistration, operation_outcome::completed)) {
+            return success();
+        }
+
+        auto next = finish_operation(operation_outcome::completed, now);
+        if (warning) {
+            detail::redact_in_place(*warning, next.token);
+        }
+        next.status = license_status::unregistered;
+        next.token.reset();
+        next.expiry_date.reset();
+        next.smart_account.clear();
+        next.virtual_account.clear();
+        next.authorization_status.clear();
+        next.features.clear();
+        next.cml_info = nullptr;
+        next.last_warning = warning;
+        commit(std::move(next), now);
+        events_.push_back(license_deregistration_completed{header(now), std::move(warning)});
+        return success();
+    }
+
+    /// Records that the deregistration of the current operation failed; the license stays.
+    /// Fails like `fail_license_registration`.
+    result<void> fail_license_deregistration(std::uint64_t operation_id, std::string error_code, std::string message,
+                                             timestamp now = now_utc())
+    {
+        return fail_operation(operation_id, license_operation::deregistration, std::move(error_code),
+                              std::move(message), now);
+    }
+
+private:
+    explicit cml_worker(fields state) : state_(std::move(state)) {}
+
+    event_header header(timestamp now) const
+    {
+        return {state_.id, state_.license.operation_id(), now, state_.license.requested_by()};
+    }
+
+    cml_license::fields begin_operation(license_operation kind, std::string_view initiated_by, timestamp now) const
+    {
+        auto next = state_.license.state_;
+        next.pending_operation = kind;
+        next.pending_token.reset();
+        next.reregister = false;
+        next.operation_in_progress = false;
+        next.operation_id += 1;
+        next.requested_by = std::string(initiated_by);
+        next.requested_at = now;
+        next.started_at.reset();
+        next.finished_at.reset();
+        next.attempts = 0;
+        next.last_error.reset();
+        next.last_warning.reset();
+        return next;
+    }
+
+    cml_license::fields finish_operation(operation_outcome outcome, timestamp now) const
+    {
+        auto next = state_.license.state_;
+        next.last_operation = next.pending_operation;
+        next.last_outcome = outcome;
+        next.pending_operation = license_operation::none;
+        next.operation_in_progress = false;
+        next.reregister = false;
+        next.finished_at = now;
+        next.last_error.reset();
+        return next;
+    }
+
+    bool already_finished(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const noexcept
+    {
+        const auto& license = state_.license.state_;
+        return operation_id == license.operation_id && license.pending_operation == license_operation::none &&
+               license.last_operation == kind && license.last_outcome == outcome;
+    }
+
+    /// Checks that `operation_id` may finish with `outcome`: it is pending (and started, for a
+    /// completion), or it already finished the same way.
+    result<void> check_finish(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const
+    {
+        const auto& license = state_.license.state_;
+        if (already_finished(operation_id, kind, outcome)) {
+            return success();
+        }
+        if (operation_id != license.operation_id || license.pending_operation != kind) {
+            return errc::stale_operation;
+        }
+        if (outcome == operation_outcome::completed && !license.operation_in_progress) {
+            return errc::operation_not_started;
+        }
+        return success();
+    }
+
+    result<void> fail_operation(std::uint64_t operation_id, license_operation kind, std::string error_code,
+                                std::string message, timestamp now)
+    {
+        BOOST_OUTCOME_TRY(check_finish(operation_id, kind, operation_outcome::failed));
+        if (already_finished(operation_id, kind, operation_outcome::failed)) {
+            return success();
+        }
+
+        auto next = finish_operation(operation_outcome::failed, now);
+        detail::redact_in_place(message, next.pending_token);
+        detail::redact_in_place(message, next.token);
+        next.pending_token.reset();
+        next.last_error = operation_error{std::move(error_code), std::move(message)};
+        auto error = *next.last_error;
+        commit(std::move(next), now);
+        if (kind == license_operation::registration) {
+            events_.push_back(license_registration_failed{header(now), std::move(error)});
+        }
+        else {
+            events_.push_back(license_deregistration_failed{header(now), std::move(error)});
+        }
+        return success();
+    }
+
+    void commit(cml_license::fields next, timestamp now)
+    {
+        state_.license = cml_license(std::move(next));
+        state_.updated_at = now;
+    }
+
+    fields state_;
+    std::vector<domain_event> events_;
+};
+
+} // namespace lcm::domain
