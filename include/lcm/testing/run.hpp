@@ -46,17 +46,22 @@ T run_with_timeout(boost::asio::io_context& context, boost::asio::awaitable<T> t
         }
     });
 
-    auto on_done = [&](std::exception_ptr error, auto... result) {
-        failure = error;
-        if constexpr (!std::is_void_v<T>) {
-            if (!error) {
-                value.emplace(std::move(result)...);
-            }
+    // The wrapper returns void because co_spawn's handler needs a default-constructible
+    // value type, which lcm::result<T> is not.
+    auto wrapper = [](boost::asio::awaitable<T> inner, std::optional<stored_type>& out) -> boost::asio::awaitable<void> {
+        if constexpr (std::is_void_v<T>) {
+            co_await std::move(inner);
+            out.emplace(true);
         }
+        else {
+            out.emplace(co_await std::move(inner));
+        }
+    };
+    boost::asio::co_spawn(context, wrapper(std::move(task), value), [&](std::exception_ptr error) {
+        failure = error;
         finished = true;
         watchdog.cancel();
-    };
-    boost::asio::co_spawn(context, std::move(task), on_done);
+    });
 
     std::vector<std::thread> helpers;
     for (int i = 1; i < threads; ++i) {

@@ -1,0 +1,256 @@
+// Command handlers of the control plane: they validate against the worker aggregate, save,
+// and publish events. They never call CML.
+#pragma once
+
+#include <lcm/application/event_sink.hpp>
+#include <lcm/application/worker_repository.hpp>
+#include <lcm/domain/worker.hpp>
+#include <lcm/error.hpp>
+#include <lcm/log.hpp>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/uuid/random_generator.hpp>
+#include <boost/uuid/uuid_io.hpp>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+namespace lcm::application {
+
+/// The answer to an accepted license request: the operation a worker-controller will carry out.
+struct operation_accepted {
+    std::string worker_id;
+    std::uint64_t operation_id = 0;
+    domain::license_operation operation = domain::license_operation::none;
+
+    friend bool operator==(const operation_accepted&, const operation_accepted&) = default;
+};
+
+/// A request to add a worker. An empty `id` gets a random UUID.
+struct add_worker_request {
+    std::string id;
+    std::string name;
+    std::string cml_url;
+    domain::worker_status status = domain::worker_status::running;
+    std::string initiated_by;
+};
+
+struct control_plane_options {
+    /// How often a command reloads and retries after a `version_conflict` before giving up.
+    /// Conflicts only happen when two writers touch one worker at the same moment, so a
+    /// handful of attempts is enough; each attempt costs one read and one conditional write.
+    int max_attempts = 8;
+};
+
+/// The control plane's command handlers.
+///
+/// Each mutating command loads the worker, applies one aggregate method, saves with the
+/// version it read, and on `version_conflict` starts over, at most `max_attempts` times.
+/// Events reach the sink only after the save succeeded, and a command that changed nothing
+/// (an idempotent repeat) neither saves nor publishes.
+///
+/// Thread safety: as safe as the repository and the sink; the handlers keep no state of
+/// their own besides the id generator, which is guarded. Cancellation: as the repository's.
+template <worker_repository Repository, event_sink Sink>
+class control_plane {
+public:
+    control_plane(Repository& repository, Sink& sink, logger log = {}, control_plane_options options = {})
+        : repository_(repository), sink_(sink), log_(std::move(log)), options_(options)
+    {
+    }
+
+    Repository& repository() noexcept { return repository_; }
+
+    /// Adds a worker. Fails with `invalid_argument` or `already_exists`.
+    boost::asio::awaitable<result<domain::cml_worker>> add_worker(add_worker_request request)
+    {
+        if (request.id.empty()) {
+            request.id = generate_id();
+        }
+        BOOST_OUTCOME_CO_TRY(auto worker, domain::cml_worker::create(std::move(request.id), std::move(request.name),
+                                                                     std::move(request.cml_url), request.status,
+                                                                     request.initiated_by));
+        BOOST_OUTCOME_CO_TRY(auto version, co_await repository_.add(worker));
+        worker.set_version(version);
+        log_.info("worker added", {{"worker_id", worker.id()}, {"status", std::string(to_string(worker.status()))}});
+        co_await sink_.publish(worker.take_events());
+        co_return worker;
+    }
+
+    boost::asio::awaitable<result<domain::cml_worker>> get_worker(std::string_view worker_id)
+    {
+        return repository_.get(worker_id);
+    }
+
+    /// Records a new lifecycle status for a worker.
+    boost::asio::awaitable<result<domain::cml_worker>> change_worker_status(std::string worker_id,
+                                                                            domain::worker_status status,
+                                                                            std::string initiated_by)
+    {
+        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            worker.change_status(status, initiated_by);
+            return worker;
+        });
+    }
+
+    /// Records the intent to register `token` on a worker. See
+    /// `cml_worker::request_license_registration` for the rules and errors.
+    boost::asio::awaitable<result<operation_accepted>> request_registration(std::string worker_id, secret token,
+                                                                            bool reregister,
+                                                                            std::string initiated_by)
+    {
+        auto accepted = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<operation_accepted> {
+            BOOST_OUTCOME_TRY(auto operation_id, worker.request_license_registration(token, reregister, initiated_by));
+            return operation_accepted{worker.id(), operation_id, domain::license_operation::registration};
+        });
+        log_outcome("license registration requested", worker_id, accepted);
+        co_return accepted;
+    }
+
+    /// Records the intent to deregister a worker's license.
+    boost::asio::awaitable<result<operation_accepted>> request_deregistration(std::string worker_id,
+                                                                              std::string initiated_by)
+    {
+        auto accepted = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<operation_accepted> {
+            BOOST_OUTCOME_TRY(auto operation_id, worker.request_license_deregistration(initiated_by));
+            return operation_accepted{worker.id(), operation_id, domain::license_operation::deregistration};
+        });
+        log_outcome("license deregistration requested", worker_id, accepted);
+        co_return accepted;
+    }
+
+    /// Marks an operation as started, before a worker-controller first calls CML.
+    boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id,
+                                                                       std::uint64_t operation_id)
+    {
+        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            BOOST_OUTCOME_TRY(worker.start_license_operation(operation_id));
+            return worker;
+        });
+    }
+
+    boost::asio::awaitable<result<domain::cml_worker>> complete_registration(std::string worker_id,
+                                                                             std::uint64_t operation_id,
+                                                                             domain::registration_details details)
+    {
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            BOOST_OUTCOME_TRY(worker.complete_license_registration(operation_id, details));
+            return worker;
+        });
+        log_finish("license registration completed", worker_id, operation_id, done);
+        co_return done;
+    }
+
+    boost::asio::awaitable<result<domain::cml_worker>> complete_deregistration(std::string worker_id,
+                                                                               std::uint64_t operation_id,
+                                                                               std::optional<std::string> warning)
+    {
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            BOOST_OUTCOME_TRY(worker.complete_license_deregistration(operation_id, warning));
+            return worker;
+        });
+        log_finish("license deregistration completed", worker_id, operation_id, done);
+        co_return done;
+    }
+
+    /// Records the failure of the operation, whichever kind it is. `message` may quote the
+    /// token; the aggregate stores it redacted.
+    boost::asio::awaitable<result<domain::cml_worker>> fail_operation(std::string worker_id,
+                                                                      std::uint64_t operation_id,
+                                                                      std::string error_code, std::string message)
+    {
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            const auto& license = worker.license();
+            // A finished operation keeps its kind in last_operation, so a repeated failure
+            // still reaches the aggregate and is answered idempotently there.
+            const auto kind = license.operation_id() == operation_id && !license.has_pending_operation()
+                                  ? license.last_operation()
+                                  : license.pending_operation();
+            if (kind == domain::license_operation::deregistration) {
+                BOOST_OUTCOME_TRY(worker.fail_license_deregistration(operation_id, error_code, message));
+            }
+            else {
+                BOOST_OUTCOME_TRY(worker.fail_license_registration(operation_id, error_code, message));
+            }
+            return worker;
+        });
+        log_finish("license operation failed", worker_id, operation_id, done);
+        co_return done;
+    }
+
+private:
+    /// Loads, applies `change`, saves; retries on version conflicts. `change` returns
+    /// `result<T>` and leaves the worker unchanged when it fails.
+    template <class Change>
+    auto mutate(const std::string& worker_id, Change change)
+        -> boost::asio::awaitable<std::invoke_result_t<Change&, domain::cml_worker&>>
+    {
+        for (int attempt = 1;; ++attempt) {
+            BOOST_OUTCOME_CO_TRY(auto worker, co_await repository_.get(worker_id));
+            auto outcome = change(worker);
+            if (!outcome || worker.events().empty()) {
+                co_return outcome;
+            }
+
+            auto saved = co_await repository_.update(worker);
+            if (saved) {
+                worker.set_version(saved.value());
+                co_await sink_.publish(worker.take_events());
+                if constexpr (std::is_same_v<std::decay_t<decltype(outcome.value())>, domain::cml_worker>) {
+                    outcome = worker;
+                }
+                co_return outcome;
+            }
+            if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {
+                log_.warning("saving worker failed",
+                             {{"worker_id", worker_id}, {"error", saved.error().message()},
+                              {"attempts", std::to_string(attempt)}});
+                co_return saved.error();
+            }
+            log_.debug("version conflict, retrying", {{"worker_id", worker_id}, {"attempt", std::to_string(attempt)}});
+        }
+    }
+
+    void log_outcome(std::string_view message, const std::string& worker_id, const result<operation_accepted>& accepted)
+    {
+        if (accepted) {
+            log_.info(message, {{"worker_id", worker_id}, {"operation_id", std::to_string(accepted.value().operation_id)}});
+        }
+        else {
+            log_.info("license request rejected", {{"worker_id", worker_id}, {"error", accepted.error().message()}});
+        }
+    }
+
+    void log_finish(std::string_view message, const std::string& worker_id, std::uint64_t operation_id,
+                    const result<domain::cml_worker>& done)
+    {
+        if (done) {
+            log_.info(message, {{"worker_id", worker_id}, {"operation_id", std::to_string(operation_id)}});
+        }
+        else {
+            log_.warning("license operation report rejected", {{"worker_id", worker_id},
+                                                               {"operation_id", std::to_string(operation_id)},
+                                                               {"error", done.error().message()}});
+        }
+    }
+
+    std::string generate_id()
+    {
+        std::lock_guard lock(id_mutex_);
+        return boost::uuids::to_string(id_generator_());
+    }
+
+    Repository& repository_;
+    Sink& sink_;
+    logger log_;
+    control_plane_options options_;
+    std::mutex id_mutex_;
+    boost::uuids::random_generator id_generator_;
+};
+
+} // namespace lcm::application

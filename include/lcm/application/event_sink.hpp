@@ -1,0 +1,54 @@
+// Where the application layer hands domain events after the worker that raised them was saved.
+#pragma once
+
+#include <lcm/domain/events.hpp>
+
+#include <boost/asio/awaitable.hpp>
+
+#include <concepts>
+#include <mutex>
+#include <vector>
+
+namespace lcm::application {
+
+/// Receives the events of one saved change, in the order the aggregate raised them.
+/// `publish` is awaited before the command returns; an exception from it propagates to the
+/// caller, but the change stays saved. Implementations must be safe to call concurrently.
+template <class S>
+concept event_sink = requires(S& sink, std::vector<domain::domain_event> events) {
+    { sink.publish(std::move(events)) } -> std::same_as<boost::asio::awaitable<void>>;
+};
+
+/// Drops every event.
+struct null_event_sink {
+    boost::asio::awaitable<void> publish(std::vector<domain::domain_event>) { co_return; }
+};
+
+/// Keeps every event in memory, for tests, examples and timelines. Thread-safe.
+class memory_event_sink {
+public:
+    boost::asio::awaitable<void> publish(std::vector<domain::domain_event> events)
+    {
+        std::lock_guard lock(mutex_);
+        for (auto& event : events) {
+            events_.push_back(std::move(event));
+        }
+        co_return;
+    }
+
+    /// Returns a copy of every event received so far.
+    std::vector<domain::domain_event> events() const
+    {
+        std::lock_guard lock(mutex_);
+        return events_;
+    }
+
+private:
+    mutable std::mutex mutex_;
+    std::vector<domain::domain_event> events_;
+};
+
+static_assert(event_sink<null_event_sink>);
+static_assert(event_sink<memory_event_sink>);
+
+} // namespace lcm::application

@@ -1,0 +1,150 @@
+// An in-memory worker repository for tests, examples and single-process deployments.
+#pragma once
+
+#include <lcm/application/worker_repository.hpp>
+#include <lcm/domain/worker.hpp>
+#include <lcm/error.hpp>
+#include <lcm/storage/change_notifier.hpp>
+
+#include <boost/asio/awaitable.hpp>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+namespace lcm::storage {
+
+/// Keeps workers in memory; nothing survives the process.
+///
+/// Thread safety: every member may be called concurrently; one mutex guards the state and
+/// no coroutine suspends while holding it. Cancellation: only `wait_for_change` suspends.
+class memory_repository {
+public:
+    boost::asio::awaitable<result<domain::cml_worker>> get(std::string_view id)
+    {
+        std::lock_guard lock(mutex_);
+        auto it = workers_.find(id);
+        if (it == workers_.end()) {
+            co_return errc::not_found;
+        }
+        co_return it->second;
+    }
+
+    boost::asio::awaitable<result<std::uint64_t>> add(const domain::cml_worker& worker)
+    {
+        {
+            std::lock_guard lock(mutex_);
+            if (workers_.contains(worker.id())) {
+                co_return errc::already_exists;
+            }
+            auto stored = worker;
+            stored.take_events();
+            stored.set_version(1);
+            index_pending(stored);
+            workers_.emplace(worker.id(), std::move(stored));
+        }
+        notifier_.notify();
+        co_return std::uint64_t{1};
+    }
+
+    boost::asio::awaitable<result<std::uint64_t>> update(const domain::cml_worker& worker)
+    {
+        std::uint64_t version = 0;
+        {
+            std::lock_guard lock(mutex_);
+            auto it = workers_.find(worker.id());
+            if (it == workers_.end()) {
+                co_return errc::not_found;
+            }
+            if (it->second.version() != worker.version()) {
+                co_return errc::version_conflict;
+            }
+            unindex_pending(it->second);
+            it->second = worker;
+            it->second.take_events();
+            version = worker.version() + 1;
+            it->second.set_version(version);
+            index_pending(it->second);
+        }
+        notifier_.notify();
+        co_return version;
+    }
+
+    boost::asio::awaitable<result<std::vector<domain::cml_worker>>> list(std::string_view after_id, std::size_t limit)
+    {
+        std::vector<domain::cml_worker> page;
+        std::lock_guard lock(mutex_);
+        for (auto it = workers_.upper_bound(after_id); it != workers_.end() && page.size() < limit; ++it) {
+            page.push_back(it->second);
+        }
+        co_return page;
+    }
+
+    boost::asio::awaitable<result<std::vector<domain::cml_worker>>> list_pending(std::size_t limit)
+    {
+        std::vector<domain::cml_worker> page;
+        std::lock_guard lock(mutex_);
+        for (auto it = pending_.begin(); it != pending_.end() && page.size() < limit; ++it) {
+            page.push_back(workers_.find(std::get<1>(*it))->second);
+        }
+        co_return page;
+    }
+
+    std::uint64_t change_sequence() const { return notifier_.sequence(); }
+
+    boost::asio::awaitable<result<std::uint64_t>> wait_for_change(std::uint64_t after)
+    {
+        return notifier_.wait_for_change(after);
+    }
+
+    /// Returns the number of stored workers.
+    std::size_t size() const
+    {
+        std::lock_guard lock(mutex_);
+        return workers_.size();
+    }
+
+    /// Returns the number of workers with a pending license operation.
+    std::size_t pending_count() const
+    {
+        std::lock_guard lock(mutex_);
+        return pending_.size();
+    }
+
+private:
+    // Pending operations ordered by request time, then id, so the oldest request comes first.
+    using pending_key = std::tuple<timestamp, std::string>;
+
+    static pending_key pending_key_of(const domain::cml_worker& worker)
+    {
+        return {worker.license().requested_at().value_or(timestamp{}), worker.id()};
+    }
+
+    void index_pending(const domain::cml_worker& worker)
+    {
+        if (worker.license().has_pending_operation()) {
+            pending_.insert(pending_key_of(worker));
+        }
+    }
+
+    void unindex_pending(const domain::cml_worker& worker)
+    {
+        if (worker.license().has_pending_operation()) {
+            pending_.erase(pending_key_of(worker));
+        }
+    }
+
+    mutable std::mutex mutex_;
+    std::map<std::string, domain::cml_worker, std::less<>> workers_;
+    std::set<pending_key> pending_;
+    change_notifier notifier_;
+};
+
+static_assert(application::worker_repository<memory_repository>);
+
+} // namespace lcm::storage
