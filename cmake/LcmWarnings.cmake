@@ -2,5 +2,5 @@
 # INTERFACE target get none of them.
 function(lcm_set_warnings target)
     target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wshadow
-        -Wold-style-cast -Wcast-align -Woverloaded-virtual -Wnull-dereference)
+        -Wold-style-cast -Wcast-align -Woverloaded-virtual)
 endfunction()
