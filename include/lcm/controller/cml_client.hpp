@@ -1,5 +1,5 @@
-// What a worker-controller needs from a CML host: licensing data types, the `cml_client`
-// concept, and the single mapping from CML's HTTP status codes to `lcm::errc`.
+// Licensing data types of CML hosts, the `cml_client` concept a worker-controller calls
+// them through, and the single mapping from CML's HTTP status codes to `lcm::errc`.
 #pragma once
 
 #include <lcm/domain/secret.hpp>
@@ -209,7 +209,7 @@ struct cml_licensing_status {
     std::optional<std::string> smart_account;
     std::optional<std::string> virtual_account;
     std::optional<timestamp> registration_expires;
-    /// Why the last registration failed. Quotes the license token, hence its own type.
+    /// Reason of the last failed registration. It quotes the license token, hence its own type.
     cml_failure_reason registration_failure;
 
     cml_authorization_status authorization_status = cml_authorization_status::eval;
@@ -225,7 +225,7 @@ struct cml_licensing_status {
     friend bool operator==(const cml_licensing_status&, const cml_licensing_status&) = default;
 };
 
-/// How a deregistration ended. All three leave the host without a license.
+/// Outcome of a deregistration. All three leave the host without a license.
 enum class cml_deregistration_outcome {
     /// 204: the host and the Cisco licensing service both dropped the registration.
     deregistered,
@@ -262,7 +262,7 @@ inline std::string_view to_string(cml_call call) noexcept
     return "unknown call";
 }
 
-/// What a success status of CML means for the call it answered.
+/// Meaning of a CML success status for the call it responds to.
 enum class cml_success {
     ok,
     deregistered,
@@ -273,13 +273,13 @@ enum class cml_success {
 /// Maps CML's HTTP status for `call` to a success or an `lcm::errc`. Both the HTTP client
 /// and the in-process fake client use it, so they fail alike.
 ///
-/// 2xx is success (CML 2.9 answers mutations with 204, 2.11 and later with 200 or 202).
+/// 2xx is success (CML 2.9 responds to mutations with 204, 2.11 and later with 200 or 202).
 /// Deregistration has three successes: 204, 202 (deregistered locally) and 400 (already
 /// deregistered). 400 on registration is `invalid_token`; on other calls it is
 /// `invalid_argument`. 401 is `unauthorized`, because a client maps it only after its one
 /// re-login failed. 403 on `authenticate` means wrong credentials (`unauthorized`), on
 /// the licensing calls a user without admin rights (`forbidden`). 409 is
-/// `operation_in_progress`: CML answers it while a registration runs, and also when the
+/// `operation_in_progress`: CML sends it while a registration runs, and also when the
 /// host is already registered and `reregister` is false, which only a status read tells
 /// apart. 408, 429 and 5xx (including 502 "not ready") are `unavailable`. Anything else
 /// is `protocol_error`.
@@ -337,7 +337,7 @@ inline bool is_transient_cml_error(const boost::system::error_code& error) noexc
 /// A client of the CML licensing API, one object for a whole fleet of CML hosts.
 ///
 /// The client owns the CML credentials and caches one bearer token per host and user.
-/// When a call answers 401, it logs in again once and retries the call once; a second
+/// When a call gets 401, it logs in again once and retries the call once; a second
 /// 401 fails with `unauthorized`. Errors come from `map_cml_status`, or are
 /// `unavailable` when the host cannot be reached, and `cancelled` when the awaiting
 /// coroutine was cancelled. Every coroutine takes the endpoint (and the token) by

@@ -38,7 +38,7 @@ namespace lcm::testing {
 /// measured against it, so tests can move time forward without waiting.
 using fake_cml_clock = std::function<timestamp()>;
 
-/// A clock that moves only when told to. Thread-safe.
+/// A clock that moves only when `advance` is called. Thread-safe.
 class manual_clock {
 public:
     explicit manual_clock(timestamp start = timestamp{std::chrono::sys_days{std::chrono::year{2026} / 1 / 1}})
@@ -73,11 +73,11 @@ struct fake_cml_user {
 struct fake_cml_faults {
     /// Time `fake_cml_client` waits, cancellably, before each call reaches the instance.
     std::chrono::steady_clock::duration latency{};
-    /// Share of requests answered 503 without being applied.
+    /// Share of requests that get 503 without being applied.
     double server_error_rate = 0.0;
-    /// Share of registration and deregistration requests answered 409 without being applied.
+    /// Share of registration and deregistration requests that get 409 without being applied.
     double conflict_rate = 0.0;
-    /// Share of requests whose connection drops before the instance sees them.
+    /// Share of requests whose connection drops before the instance receives them.
     double drop_before_apply_rate = 0.0;
     /// Share of requests that the instance applies, but whose response is lost.
     double drop_after_apply_rate = 0.0;
@@ -118,7 +118,7 @@ struct fake_cml_options {
 /// The body of a reply without one (204, or 400 with an empty body).
 struct fake_cml_no_body {};
 
-/// What happened to the connection of a request.
+/// Delivery of a request and its response.
 enum class fake_cml_delivery {
     delivered,
     /// The connection dropped before the instance saw the request.
@@ -142,9 +142,9 @@ struct fake_cml_counters {
     /// Requests per route, counted on arrival, including rejected ones and injected faults
     /// other than `drop_before_apply_rate`.
     std::array<std::uint64_t, cml_call_count> received{};
-    /// Registration POSTs answered 204, including those whose response was dropped.
+    /// Registration POSTs accepted with 204, including those whose response was dropped.
     std::uint64_t accepted_registrations = 0;
-    /// Deregistrations answered 204 or 202, including those whose response was dropped.
+    /// Deregistrations applied with 204 or 202, including those whose response was dropped.
     std::uint64_t deregistrations = 0;
 
     std::uint64_t received_calls(cml_call call) const noexcept { return received[static_cast<std::size_t>(call)]; }
@@ -259,8 +259,8 @@ public:
             reply.status = 400;
         }
         else {
-            // NOTE: a FAILED registration deregisters with 204 here; whether CML 2.9 answers
-            // 204 or 400 in that state is not documented.
+            // NOTE: a FAILED registration deregisters with 204 here; whether CML 2.9 responds
+            // with 204 or 400 in that state is not documented.
             reset_registration();
             reply.status = licensing_service_reachable_ ? 204 : 202;
             deregistrations_.fetch_add(1, std::memory_order_relaxed);
@@ -286,14 +286,14 @@ public:
         return make_status();
     }
 
-    /// Makes every bearer token issued so far answer 401, as a logout or password change does.
+    /// Revokes every bearer token issued so far, as a logout or password change does, so they get 401.
     void revoke_tokens()
     {
         std::lock_guard lock(mutex_);
         tokens_.clear();
     }
 
-    /// Makes one bearer token answer 401.
+    /// Revokes one bearer token, so it gets 401.
     void revoke_token(std::string_view bearer)
     {
         std::lock_guard lock(mutex_);
@@ -302,8 +302,8 @@ public:
         }
     }
 
-    /// While unreachable, deregistration answers 202 and registrations that are due stay
-    /// `RETRY_IN_PROGRESS`; they complete once the service is reachable again.
+    /// While unreachable, deregistration responds with 202, and registrations that are due
+    /// stay `RETRY_IN_PROGRESS` until the service is reachable again.
     void set_licensing_service_reachable(bool reachable)
     {
         std::lock_guard lock(mutex_);
@@ -426,8 +426,8 @@ private:
         return secret(std::move(token));
     }
 
-    // Answers 401 for a missing, unknown, revoked or expired token and 403 for a user
-    // without admin rights.
+    // Sets 401 for a missing, unknown, revoked or expired token and 403 for a user without
+    // admin rights, and returns false in both cases.
     template <class Body>
     bool authorize(std::string_view bearer, fake_cml_reply<Body>& reply)
     {
@@ -658,12 +658,12 @@ private:
 /// it log in again once and repeat the request once. A dropped connection fails with
 /// `unavailable`, whether or not the instance applied the request.
 ///
-/// Each call first waits the instance's injected latency on a timer, if any; that wait is
-/// the only suspension point, and cancelling it fails the call with `cancelled` before the
-/// request reaches the instance.
+/// Each call first waits the instance's injected latency on a timer, if any. That wait is
+/// the only suspension point. Cancelling it fails the call with `cancelled`, and the
+/// request never reaches the instance.
 ///
-/// Thread safety: calls may run concurrently on a multi-threaded `io_context`; calls for
-/// the same endpoint take turns on a mutex held only while the instance is called.
+/// Thread safety: calls may run concurrently on a multi-threaded `io_context`. Calls for
+/// the same endpoint take turns on a mutex, held only while the instance is called.
 class fake_cml_client {
 public:
     fake_cml_client(fake_cml& cml, cml_credentials credentials, logger log = {})

@@ -132,10 +132,10 @@ inline std::optional<boost::json::value> parse_json(std::string_view text) noexc
 // ---------------------------------------------------------------------------------------
 // LicensingStatus
 
-/// Encodes a status as the body of `GET /licensing`, with every key CML sends.
+/// Converts a status to the JSON of `GET /licensing`, with every key CML sends.
 /// `registration.register_time.failure` carries the failure reason in clear text, as CML
 /// does, so the result may contain a license token and must not be logged.
-inline boost::json::value encode_licensing_status(const cml_licensing_status& status, std::string_view hostname = {})
+inline boost::json::value licensing_status_to_json(const cml_licensing_status& status, std::string_view hostname = {})
 {
     using boost::json::object;
     using boost::json::value;
@@ -199,11 +199,11 @@ inline boost::json::value encode_licensing_status(const cml_licensing_status& st
     return body;
 }
 
-/// Decodes the body of `GET /licensing`. Unknown fields are ignored; nulls, missing
+/// Reads the JSON of `GET /licensing`. Unknown fields are ignored; nulls, missing
 /// optional objects and unparsable timestamps read as absent; timestamps may be ISO 8601
 /// or CML's `2026-08-20 17:25:30`. A missing `registration` or `authorization` object
 /// gives status `unknown`. Fails with `protocol_error` only when the body is not an object.
-inline result<cml_licensing_status> decode_licensing_status(const boost::json::value& body)
+inline result<cml_licensing_status> licensing_status_from_json(const boost::json::value& body)
 {
     const auto* root = body.if_object();
     if (root == nullptr) {
@@ -274,7 +274,13 @@ inline result<cml_licensing_status> decode_licensing_status(std::string_view bod
     if (!value) {
         return make_error_code(errc::protocol_error);
     }
-    return decode_licensing_status(*value);
+    return licensing_status_from_json(*value);
+}
+
+/// Encodes the body of `GET /licensing`; see `licensing_status_to_json`. Must not be logged.
+inline std::string encode_licensing_status(const cml_licensing_status& status, std::string_view hostname = {})
+{
+    return boost::json::serialize(licensing_status_to_json(status, hostname));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -391,13 +397,13 @@ inline result<cml_credentials> decode_authenticate_request(std::string_view body
     return cml_credentials{std::move(*username), secret(std::move(*password))};
 }
 
-/// Encodes the answer of `POST /authenticate`: the bearer token as a bare JSON string.
+/// Encodes the response of `POST /authenticate`: the bearer token as a bare JSON string.
 inline std::string encode_authenticate_response(const secret& bearer_token)
 {
     return boost::json::serialize(boost::json::value(bearer_token.reveal()));
 }
 
-/// Decodes the answer of `POST /authenticate`. Fails with `protocol_error` unless the
+/// Decodes the response of `POST /authenticate`. Fails with `protocol_error` unless the
 /// body is a non-empty JSON string.
 inline result<secret> decode_authenticate_response(std::string_view body)
 {
