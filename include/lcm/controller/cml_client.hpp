@@ -2,6 +2,7 @@
 // them through, and the single mapping from CML's HTTP status codes to `lcm::errc`.
 #pragma once
 
+#include <lcm/domain/license.hpp>
 #include <lcm/domain/secret.hpp>
 #include <lcm/domain/time.hpp>
 #include <lcm/error.hpp>
@@ -115,41 +116,8 @@ inline cml_authorization_status parse_authorization_status(std::string_view text
     return detail::parse_cml_status<cml_authorization_status>(text);
 }
 
-/// Returns true when `token` matches CML's license token format `^[a-zA-Z0-9+/%=-]{1,256}$`.
-inline bool is_valid_license_token(std::string_view token) noexcept
-{
-    if (token.empty() || token.size() > 256) {
-        return false;
-    }
-    for (char c : token) {
-        const bool alphanumeric = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
-        if (!alphanumeric && c != '+' && c != '/' && c != '%' && c != '=' && c != '-') {
-            return false;
-        }
-    }
-    return true;
-}
-
-/// Replaces every occurrence of `value`'s clear text in `text` with `<redacted>`.
-/// An empty secret leaves the text unchanged.
-inline std::string redact_secret(std::string_view text, const secret& value)
-{
-    const std::string_view clear = value.reveal();
-    std::string out;
-    if (clear.empty()) {
-        out.assign(text);
-        return out;
-    }
-    out.reserve(text.size());
-    std::size_t position = 0;
-    for (auto found = text.find(clear); found != std::string_view::npos; found = text.find(clear, position)) {
-        out.append(text.substr(position, found - position));
-        out.append(secret::redacted_text);
-        position = found + clear.size();
-    }
-    out.append(text.substr(position));
-    return out;
-}
+// The token format check and redaction are the domain's, so every layer agrees on them.
+using domain::is_valid_license_token;
 
 /// CML's `register_time.failure` text. CML quotes the license token in it, so the text
 /// prints and serializes as `<redacted>`, and reading it takes an explicit call:
@@ -211,6 +179,11 @@ struct cml_licensing_status {
     std::optional<timestamp> registration_expires;
     /// Reason of the last failed registration. It quotes the license token, hence its own type.
     cml_failure_reason registration_failure;
+    /// `register_time.attempted`: when CML last accepted a registration request. A reconciler
+    /// compares it with the start of its operation to tell its own request from an older one.
+    std::optional<timestamp> registration_attempted;
+    /// `register_time.succeeded`: when the last registration completed.
+    std::optional<timestamp> registration_succeeded;
 
     cml_authorization_status authorization_status = cml_authorization_status::eval;
     /// CML's text when `authorization_status` is `unknown`, empty otherwise.

@@ -56,4 +56,25 @@ private:
     std::string value_;
 };
 
+/// Returns `text` with every occurrence of the secret's clear text replaced by `<redacted>`.
+/// An empty secret leaves the text unchanged.
+inline std::string redact_secret(std::string_view text, const secret& value)
+{
+    const std::string_view clear = value.reveal();
+    std::string out;
+    if (clear.empty()) {
+        out.assign(text);
+        return out;
+    }
+    out.reserve(text.size());
+    std::size_t position = 0;
+    for (auto found = text.find(clear); found != std::string_view::npos; found = text.find(clear, position)) {
+        out.append(text.substr(position, found - position));
+        out.append(secret::redacted_text);
+        position = found + clear.size();
+    }
+    out.append(text.substr(position));
+    return out;
+}
+
 } // namespace lcm

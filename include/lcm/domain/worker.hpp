@@ -57,16 +57,10 @@ inline bool is_valid_worker_name(std::string_view name) noexcept
     return std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
 }
 
-/// Replaces every occurrence of the secret's clear text in `text` with `<redacted>`.
 inline void redact_in_place(std::string& text, const std::optional<secret>& value)
 {
-    if (!value || value->empty()) {
-        return;
-    }
-    const std::string& clear = value->reveal();
-    for (auto position = text.find(clear); position != std::string::npos; position = text.find(clear, position)) {
-        text.replace(position, clear.size(), secret::redacted_text);
-        position += secret::redacted_text.size();
+    if (value) {
+        text = redact_secret(text, *value);
     }
 }
 

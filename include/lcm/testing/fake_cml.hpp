@@ -459,7 +459,8 @@ private:
     void accept_registration(const secret& token)
     {
         registration_ = cml_registration_status::in_progress;
-        completes_at_ = now() + options_.registration_delay;
+        attempted_at_ = now();
+        completes_at_ = *attempted_at_ + options_.registration_delay;
         pending_failure_.clear();
         if (options_.token_rejected && options_.token_rejected(token)) {
             // Real CML quotes the token in this text, which is why the fake does too.
@@ -490,6 +491,7 @@ private:
             return;
         }
         registration_ = cml_registration_status::completed;
+        succeeded_at_ = completes_at_;
         authorization_ = cml_authorization_status::in_compliance;
         registration_expires_ = completes_at_ + std::chrono::days{365};
         authorization_expires_ = completes_at_ + std::chrono::days{90};
@@ -510,6 +512,8 @@ private:
         cml_licensing_status status;
         status.registration_status = registration_;
         status.authorization_status = authorization_;
+        status.registration_attempted = attempted_at_;
+        status.registration_succeeded = succeeded_at_;
         status.product_license = "CML_Enterprise";
         status.is_enterprise = true;
         if (!failure_.empty()) {
@@ -544,6 +548,8 @@ private:
     cml_registration_status registration_ = cml_registration_status::not_registered;
     cml_authorization_status authorization_ = cml_authorization_status::eval;
     timestamp completes_at_{};
+    std::optional<timestamp> attempted_at_;
+    std::optional<timestamp> succeeded_at_;
     std::optional<timestamp> registration_expires_;
     std::optional<timestamp> authorization_expires_;
     // The failure text of the registration in progress; empty when it is going to succeed.

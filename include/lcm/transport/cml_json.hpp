@@ -105,11 +105,13 @@ inline boost::json::value optional_to_json(const std::optional<timestamp>& value
 
 // CML always sends all six keys of a TimeInfo.
 inline boost::json::object make_time_info(std::optional<std::string> status, const std::string& failure,
-                                          std::optional<std::string> success)
+                                          std::optional<std::string> success,
+                                          const std::optional<timestamp>& succeeded = std::nullopt,
+                                          const std::optional<timestamp>& attempted = std::nullopt)
 {
     boost::json::object info;
-    info["succeeded"] = nullptr;
-    info["attempted"] = nullptr;
+    info["succeeded"] = optional_to_json(succeeded);
+    info["attempted"] = optional_to_json(attempted);
     info["scheduled"] = nullptr;
     info["status"] = optional_to_json(status);
     info["failure"] = failure.empty() ? boost::json::value(nullptr) : boost::json::value(failure);
@@ -156,7 +158,8 @@ inline boost::json::value licensing_status_to_json(const cml_licensing_status& s
     registration["expires"] = detail::optional_to_json(status.registration_expires);
     registration["register_time"] = detail::make_time_info(
         failed ? std::optional<std::string>("FAILED") : std::nullopt, status.registration_failure.reveal(),
-        completed ? std::optional<std::string>("SUCCEEDED") : std::nullopt);
+        completed ? std::optional<std::string>("SUCCEEDED") : std::nullopt, status.registration_succeeded,
+        status.registration_attempted);
     registration["renew_time"] = detail::make_time_info(std::nullopt, {}, std::nullopt);
 
     object authorization;
@@ -227,6 +230,8 @@ inline result<cml_licensing_status> licensing_status_from_json(const boost::json
             if (auto failure = detail::find_string(*register_time, "failure")) {
                 status.registration_failure = cml_failure_reason(std::move(*failure));
             }
+            status.registration_attempted = detail::find_timestamp(*register_time, "attempted");
+            status.registration_succeeded = detail::find_timestamp(*register_time, "succeeded");
         }
     }
 
