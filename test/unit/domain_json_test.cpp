@@ -427,6 +427,7 @@ TEST_CASE("event decoding rejects malformed fields", "[domain]")
         {changed, {"status", std::nullopt}, "status"},
         {started, {"attempt", json("-1")}, "attempt"},
         {started, {"attempt", json("1.5")}, "attempt"},
+        {started, {"attempt", json("4294967296")}, "attempt"},
         {completed, {"features", json(R"("Nodes")")}, "features"},
         {completed, {"features", json("[1]")}, "features"},
         {completed, {"features", std::nullopt}, "features"},

@@ -19,6 +19,7 @@
 #include <boost/json/value_to.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -321,7 +322,11 @@ bool decode_event_as(std::string_view type, json_reader& reader, event_header he
     }
     else if constexpr (std::is_same_v<Event, license_registration_started> ||
                        std::is_same_v<Event, license_deregistration_started>) {
-        event.attempt = static_cast<std::uint32_t>(reader.unsigned_integer("attempt"));
+        const auto attempt = reader.unsigned_integer("attempt");
+        if (attempt > std::numeric_limits<std::uint32_t>::max()) {
+            reader.fail("attempt");
+        }
+        event.attempt = static_cast<std::uint32_t>(attempt);
     }
     else if constexpr (std::is_same_v<Event, license_registration_completed>) {
         event.expiry_date = reader.optional_time("expiry_date");
