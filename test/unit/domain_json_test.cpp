@@ -254,6 +254,10 @@ TEST_CASE("record decoding rejects malformed fields", "[domain]")
          "license.features"},
         {{{"license.features", json(R"([{"id":"a","name":"n","version":"v","status":"s","in_use":1.5}])")}},
          "license.features"},
+        {{{"id", json(R"("worker 1")")}}, "id"},
+        {{{"license.pending_operation", json(R"("none")")}}, "license.operation_in_progress"},
+        {{{"license.pending_token", json("null")}}, "license.pending_token"},
+        {{{"license.operation_id", json("0")}}, "license.operation_id"},
     };
 
     for (const auto& test : cases) {

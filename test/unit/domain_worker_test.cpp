@@ -1041,30 +1041,40 @@ TEST_CASE("restore rebuilds without events", "[domain]")
 TEST_CASE("restore rejects broken invariants", "[domain]")
 {
     using edit = std::function<void(cml_worker::fields&, cml_license::fields&)>;
-    const std::vector<std::pair<const char*, edit>> cases = {
-        {"invalid id", [](cml_worker::fields& worker, cml_license::fields&) { worker.id = "worker 1"; }},
-        {"empty id", [](cml_worker::fields& worker, cml_license::fields&) { worker.id.clear(); }},
+    struct invariant_case {
+        const char* name;
+        edit apply;
+        std::string expected_field;
+    };
+    const std::vector<invariant_case> cases = {
+        {"invalid id", [](cml_worker::fields& worker, cml_license::fields&) { worker.id = "worker 1"; }, "id"},
+        {"empty id", [](cml_worker::fields& worker, cml_license::fields&) { worker.id.clear(); }, "id"},
         {"in progress without pending operation",
          [](cml_worker::fields&, cml_license::fields& license) {
              license.pending_operation = license_operation::none;
              license.pending_token.reset();
-         }},
+         },
+         "license.operation_in_progress"},
         {"pending registration without token",
-         [](cml_worker::fields&, cml_license::fields& license) { license.pending_token.reset(); }},
+         [](cml_worker::fields&, cml_license::fields& license) { license.pending_token.reset(); },
+         "license.pending_token"},
         {"pending operation without id",
-         [](cml_worker::fields&, cml_license::fields& license) { license.operation_id = 0; }},
+         [](cml_worker::fields&, cml_license::fields& license) { license.operation_id = 0; }, "license.operation_id"},
     };
 
-    for (const auto& [name, apply] : cases) {
-        CAPTURE(name);
+    for (const auto& test : cases) {
+        CAPTURE(test.name);
         auto state = worker_registering(true).state();
         auto license = state.license.state();
-        apply(state, license);
+        test.apply(state, license);
         state.license = cml_license(license);
+        std::string field;
 
-        const auto restored = cml_worker::restore(state);
+        const auto restored = cml_worker::restore(state, &field);
 
         REQUIRE_FALSE(restored);
         CHECK(restored.error() == errc::invalid_argument);
+        CHECK(field == test.expected_field);
+        CHECK_FALSE(cml_worker::restore(state));
     }
 }

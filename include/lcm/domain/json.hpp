@@ -215,7 +215,8 @@ inline boost::json::object to_public_json(const cml_worker& worker)
 }
 
 /// Decodes a record written by `to_record`. Fails with `errc::invalid_argument` on a missing
-/// or malformed field, or on fields that break the aggregate's invariants.
+/// or malformed field, or on fields that break the aggregate's invariants. `error_field`,
+/// when given, receives the name of the first invalid field in both cases.
 inline result<cml_worker> from_record(const boost::json::value& value, std::string* error_field = nullptr)
 {
     detail::json_reader reader(value);
@@ -249,7 +250,7 @@ inline result<cml_worker> from_record(const boost::json::value& value, std::stri
         }
         return errc::invalid_argument;
     }
-    return cml_worker::restore(std::move(state));
+    return cml_worker::restore(std::move(state), error_field);
 }
 
 /// Encodes an event as a flat object: `type`, the header fields, then the event's own fields.

@@ -119,14 +119,14 @@ public:
     }
 
     /// Rebuilds a stored worker, without events. Fails with `errc::invalid_argument` when the
-    /// fields break an invariant of the aggregate, for example a corrupt row.
-    static result<cml_worker> restore(fields state)
+    /// fields break an invariant of the aggregate, for example a corrupt row. `error_field`,
+    /// when given, receives the record name of the first such field, e.g. `license.pending_token`.
+    static result<cml_worker> restore(fields state, std::string* error_field = nullptr)
     {
-        const auto& license = state.license.state();
-        const bool pending = license.pending_operation != license_operation::none;
-        if (!is_valid_worker_id(state.id) || (license.operation_in_progress && !pending) ||
-            (license.pending_operation == license_operation::registration && !license.pending_token) ||
-            (pending && license.operation_id == 0)) {
+        if (const auto field = find_broken_invariant(state); !field.empty()) {
+            if (error_field) {
+                *error_field = field;
+            }
             return errc::invalid_argument;
         }
         return cml_worker(std::move(state));
@@ -344,6 +344,26 @@ public:
 
 private:
     explicit cml_worker(fields state) : state_(std::move(state)) {}
+
+    /// Returns the record name of the first field that breaks an invariant, or an empty view.
+    static std::string_view find_broken_invariant(const fields& state) noexcept
+    {
+        const auto& license = state.license.state();
+        const bool pending = license.pending_operation != license_operation::none;
+        if (!is_valid_worker_id(state.id)) {
+            return "id";
+        }
+        if (license.operation_in_progress && !pending) {
+            return "license.operation_in_progress";
+        }
+        if (license.pending_operation == license_operation::registration && !license.pending_token) {
+            return "license.pending_token";
+        }
+        if (pending && license.operation_id == 0) {
+            return "license.operation_id";
+        }
+        return {};
+    }
 
     event_header header(timestamp now) const
     {
