@@ -257,6 +257,9 @@ TEST_CASE("record decoding rejects malformed fields", "[domain]")
         {{{"id", json(R"("worker 1")")}}, "id"},
         {{{"license.pending_operation", json(R"("none")")}}, "license.operation_in_progress"},
         {{{"license.pending_token", json("null")}}, "license.pending_token"},
+        {{{"license.pending_operation", json(R"("deregister")")}}, "license.pending_token"},
+        {{{"license.pending_operation", json(R"("none")")}, {"license.operation_in_progress", json("false")}},
+         "license.pending_token"},
         {{{"license.operation_id", json("0")}}, "license.operation_id"},
     };
 

@@ -1058,6 +1058,11 @@ TEST_CASE("restore rejects broken invariants", "[domain]")
         {"pending registration without token",
          [](cml_worker::fields&, cml_license::fields& license) { license.pending_token.reset(); },
          "license.pending_token"},
+        {"pending token without pending registration",
+         [](cml_worker::fields&, cml_license::fields& license) {
+             license.pending_operation = license_operation::deregistration;
+         },
+         "license.pending_token"},
         {"pending operation without id",
          [](cml_worker::fields&, cml_license::fields& license) { license.operation_id = 0; }, "license.operation_id"},
     };

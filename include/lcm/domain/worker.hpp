@@ -346,6 +346,8 @@ private:
     explicit cml_worker(fields state) : state_(std::move(state)) {}
 
     /// Returns the record name of the first field that breaks an invariant, or an empty view.
+    /// A pending token exists exactly while a registration is pending, so that no token
+    /// outlives the operation that needed it.
     static std::string_view find_broken_invariant(const fields& state) noexcept
     {
         const auto& license = state.license.state();
@@ -356,7 +358,7 @@ private:
         if (license.operation_in_progress && !pending) {
             return "license.operation_in_progress";
         }
-        if (license.pending_operation == license_operation::registration && !license.pending_token) {
+        if ((license.pending_operation == license_operation::registration) != license.pending_token.has_value()) {
             return "license.pending_token";
         }
         if (pending && license.operation_id == 0) {
