@@ -222,6 +222,10 @@ TEST_CASE("record decoding rejects malformed fields", "[domain]")
         {{{"license.status", json("null")}}, "license.status"},
         {{{"license.token", json("42")}}, "license.token"},
         {{{"license.pending_token", json("{}")}}, "license.pending_token"},
+        {{{"license.token", json(R"("<redacted>")")}}, "license.token"},
+        {{{"license.token", json(R"("")")}}, "license.token"},
+        {{{"license.pending_token", json(R"("<redacted>")")}}, "license.pending_token"},
+        {{{"license.pending_token", json(R"("second token")")}}, "license.pending_token"},
         {{{"license.pending_operation", json(R"("renew")")}}, "license.pending_operation"},
         {{{"license.pending_operation", json(R"("registration")")}}, "license.pending_operation"},
         {{{"license.reregister", json(R"("true")")}}, "license.reregister"},
@@ -312,6 +316,25 @@ TEST_CASE("public form never contains tokens", "[domain]")
               (license.token() ? boost::json::value("<redacted>") : boost::json::value(nullptr)));
         CHECK(public_license.at("pending_token") ==
               (license.pending_token() ? boost::json::value("<redacted>") : boost::json::value(nullptr)));
+    }
+}
+
+TEST_CASE("public form is not a record", "[domain]")
+{
+    // Decoding a public form as a record would replace the stored token with `<redacted>`.
+    for (const auto& [name, worker] : workers_in_every_state()) {
+        CAPTURE(name);
+        const auto& license = worker.license();
+        if (!license.token() && !license.pending_token()) {
+            continue;
+        }
+        std::string field;
+
+        const auto decoded = from_record(to_public_json(worker), &field);
+
+        REQUIRE_FALSE(decoded);
+        CHECK(decoded.error() == errc::invalid_argument);
+        CHECK(field == (license.token() ? "license.token" : "license.pending_token"));
     }
 }
 

@@ -51,6 +51,17 @@ inline boost::json::value encode_optional_secret(const std::optional<secret>& va
     return boost::json::string(secret::redacted_text);
 }
 
+/// Reads a stored token. A value outside CML's token format fails the field, which also
+/// catches the `<redacted>` placeholder of a public form decoded by mistake as a record.
+inline std::optional<secret> decode_token(json_reader& reader, std::string_view name)
+{
+    auto token = reader.optional_secret(name);
+    if (token && !is_valid_license_token(token->reveal())) {
+        reader.fail(name);
+    }
+    return token;
+}
+
 inline boost::json::object encode_error(const operation_error& error)
 {
     return {{"code", error.code}, {"message", error.message}};
@@ -128,8 +139,8 @@ inline result<cml_license> decode_license(const boost::json::value& value, std::
     detail::json_reader reader(value);
     cml_license::fields state;
     state.status = reader.enumeration("status", parse_license_status, license_status::unregistered);
-    state.token = reader.optional_secret("token");
-    state.pending_token = reader.optional_secret("pending_token");
+    state.token = detail::decode_token(reader, "token");
+    state.pending_token = detail::decode_token(reader, "pending_token");
     state.pending_operation =
         reader.enumeration("pending_operation", parse_license_operation, license_operation::none);
     state.reregister = reader.boolean("reregister");
