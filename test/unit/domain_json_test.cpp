@@ -174,6 +174,20 @@ TEST_CASE("record keeps tokens and microseconds", "[domain]")
     CHECK(record.at("license").at("cml_info").at("ratio") == 0.75);
 }
 
+TEST_CASE("record drops failed pending token", "[domain]")
+{
+    auto worker = registered_worker(first_token);
+    worker.request_license_registration(secret(second_token), true, "carol", at(40)).value();
+    worker.start_license_operation(2, at(41)).value();
+    worker.fail_license_registration(2, "invalid_token", "CML rejected " + second_token, at(42)).value();
+
+    const auto text = boost::json::serialize(to_record(worker));
+
+    CHECK(text.find(second_token) == std::string::npos);
+    CHECK(text.find(first_token) != std::string::npos);
+    CHECK(text.find("CML rejected <redacted>") != std::string::npos);
+}
+
 TEST_CASE("record decoding ignores enum case", "[domain]")
 {
     const auto record = to_record(registered_worker());
