@@ -1002,6 +1002,22 @@ TEST_CASE("failure message is stored redacted", "[domain]")
         CHECK(worker.license().last_error()->message == expected);
         CHECK(single_event<license_registration_failed>(worker).error.message == expected);
     }
+    SECTION("token that contains the other")
+    {
+        for (const bool pending_is_longer : {false, true}) {
+            CAPTURE(pending_is_longer);
+            const std::string inner = "Inner+Token";
+            const std::string outer = "Outer-" + inner + "-Token";
+            auto worker = registered_worker(pending_is_longer ? inner : outer);
+            worker.request_license_registration(secret(pending_is_longer ? outer : inner), true, "carol", at(40)).value();
+            worker.take_events();
+
+            REQUIRE(worker.fail_license_registration(2, "invalid_token", "quoted " + outer + " and " + inner, at(42)));
+
+            REQUIRE(worker.license().last_error());
+            CHECK(worker.license().last_error()->message == "quoted <redacted> and <redacted>");
+        }
+    }
     SECTION("deregistration")
     {
         auto worker = worker_deregistering(true);

@@ -436,8 +436,14 @@ private:
         }
 
         auto next = finish_operation(operation_outcome::failed, now);
-        detail::redact_in_place(message, next.pending_token);
-        detail::redact_in_place(message, next.token);
+        // The longer token goes first: when one token contains the other, redacting the shorter
+        // one first would leave the rest of the longer one in clear text.
+        const auto pending_length = next.pending_token ? next.pending_token->reveal().size() : 0;
+        const auto token_length = next.token ? next.token->reveal().size() : 0;
+        const auto& longer = pending_length >= token_length ? next.pending_token : next.token;
+        const auto& shorter = pending_length >= token_length ? next.token : next.pending_token;
+        detail::redact_in_place(message, longer);
+        detail::redact_in_place(message, shorter);
         next.pending_token.reset();
         next.last_error = operation_error{std::move(error_code), std::move(message)};
         auto error = *next.last_error;
