@@ -19,6 +19,7 @@
 #include <boost/json/value_to.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -48,6 +49,17 @@ inline boost::json::value encode_optional_secret(const std::optional<secret>& va
         return boost::json::string(value->reveal());
     }
     return boost::json::string(secret::redacted_text);
+}
+
+/// Reads a stored token. A value outside CML's token format fails the field, which also
+/// catches the `<redacted>` placeholder of a public form decoded by mistake as a record.
+inline std::optional<secret> decode_token(json_reader& reader, std::string_view name)
+{
+    auto token = reader.optional_secret(name);
+    if (token && !is_valid_license_token(token->reveal())) {
+        reader.fail(name);
+    }
+    return token;
 }
 
 inline boost::json::object encode_error(const operation_error& error)
@@ -127,8 +139,8 @@ inline result<cml_license> decode_license(const boost::json::value& value, std::
     detail::json_reader reader(value);
     cml_license::fields state;
     state.status = reader.enumeration("status", parse_license_status, license_status::unregistered);
-    state.token = reader.optional_secret("token");
-    state.pending_token = reader.optional_secret("pending_token");
+    state.token = detail::decode_token(reader, "token");
+    state.pending_token = detail::decode_token(reader, "pending_token");
     state.pending_operation =
         reader.enumeration("pending_operation", parse_license_operation, license_operation::none);
     state.reregister = reader.boolean("reregister");
@@ -214,7 +226,8 @@ inline boost::json::object to_public_json(const cml_worker& worker)
 }
 
 /// Decodes a record written by `to_record`. Fails with `errc::invalid_argument` on a missing
-/// or malformed field, or on fields that break the aggregate's invariants.
+/// or malformed field, or on fields that break the aggregate's invariants. `error_field`,
+/// when given, receives the name of the first invalid field in both cases.
 inline result<cml_worker> from_record(const boost::json::value& value, std::string* error_field = nullptr)
 {
     detail::json_reader reader(value);
@@ -248,7 +261,7 @@ inline result<cml_worker> from_record(const boost::json::value& value, std::stri
         }
         return errc::invalid_argument;
     }
-    return cml_worker::restore(std::move(state));
+    return cml_worker::restore(std::move(state), error_field);
 }
 
 /// Encodes an event as a flat object: `type`, the header fields, then the event's own fields.
@@ -321,7 +334,11 @@ bool decode_event_as(std::string_view type, json_reader& reader, event_header he
     }
     else if constexpr (std::is_same_v<Event, license_registration_started> ||
                        std::is_same_v<Event, license_deregistration_started>) {
-        event.attempt = static_cast<std::uint32_t>(reader.unsigned_integer("attempt"));
+        const auto attempt = reader.unsigned_integer("attempt");
+        if (attempt > std::numeric_limits<std::uint32_t>::max()) {
+            reader.fail("attempt");
+        }
+        event.attempt = static_cast<std::uint32_t>(attempt);
     }
     else if constexpr (std::is_same_v<Event, license_registration_completed>) {
         event.expiry_date = reader.optional_time("expiry_date");

@@ -113,14 +113,14 @@ public:
     }
 
     /// Rebuilds a stored worker, without events. Fails with `errc::invalid_argument` when the
-    /// fields break an invariant of the aggregate, for example a corrupt row.
-    static result<cml_worker> restore(fields state)
+    /// fields break an invariant of the aggregate, for example a corrupt row. `error_field`,
+    /// when given, receives the record name of the first such field, e.g. `license.pending_token`.
+    static result<cml_worker> restore(fields state, std::string* error_field = nullptr)
     {
-        const auto& license = state.license.state();
-        const bool pending = license.pending_operation != license_operation::none;
-        if (!is_valid_worker_id(state.id) || (license.operation_in_progress && !pending) ||
-            (license.pending_operation == license_operation::registration && !license.pending_token) ||
-            (pending && license.operation_id == 0)) {
+        if (const auto field = find_broken_invariant(state); !field.empty()) {
+            if (error_field) {
+                *error_field = field;
+            }
             return errc::invalid_argument;
         }
         return cml_worker(std::move(state));
@@ -339,6 +339,28 @@ public:
 private:
     explicit cml_worker(fields state) : state_(std::move(state)) {}
 
+    /// Returns the record name of the first field that breaks an invariant, or an empty view.
+    /// A pending token exists exactly while a registration is pending, so that no token
+    /// outlives the operation that needed it.
+    static std::string_view find_broken_invariant(const fields& state) noexcept
+    {
+        const auto& license = state.license.state();
+        const bool pending = license.pending_operation != license_operation::none;
+        if (!is_valid_worker_id(state.id)) {
+            return "id";
+        }
+        if (license.operation_in_progress && !pending) {
+            return "license.operation_in_progress";
+        }
+        if ((license.pending_operation == license_operation::registration) != license.pending_token.has_value()) {
+            return "license.pending_token";
+        }
+        if (pending && license.operation_id == 0) {
+            return "license.operation_id";
+        }
+        return {};
+    }
+
     event_header header(timestamp now) const
     {
         return {state_.id, state_.license.operation_id(), now, state_.license.requested_by()};
@@ -408,8 +430,14 @@ private:
         }
 
         auto next = finish_operation(operation_outcome::failed, now);
-        detail::redact_in_place(message, next.pending_token);
-        detail::redact_in_place(message, next.token);
+        // The longer token goes first: when one token contains the other, redacting the shorter
+        // one first would leave the rest of the longer one in clear text.
+        const auto pending_length = next.pending_token ? next.pending_token->reveal().size() : 0;
+        const auto token_length = next.token ? next.token->reveal().size() : 0;
+        const auto& longer = pending_length >= token_length ? next.pending_token : next.token;
+        const auto& shorter = pending_length >= token_length ? next.token : next.pending_token;
+        detail::redact_in_place(message, longer);
+        detail::redact_in_place(message, shorter);
         next.pending_token.reset();
         next.last_error = operation_error{std::move(error_code), std::move(message)};
         auto error = *next.last_error;
