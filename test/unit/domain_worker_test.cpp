@@ -230,6 +230,8 @@ TEST_CASE("create validates CML URL", "[domain]")
         "https://cml.example.test/?",
         "https://cml.example.test#labs",
         "https://cml example.test",
+        "https://admin:secret@cml.example.test",
+        "https://admin@cml.example.test",
     };
 
     for (const auto& url : valid) {

@@ -35,7 +35,9 @@ inline bool is_valid_worker_id(std::string_view id) noexcept
     });
 }
 
-/// Checks a CML base URL: absolute `http` or `https` with a host, and no query or fragment.
+/// Checks a CML base URL: absolute `http` or `https` with a host, and no credentials, query
+/// or fragment. Credentials belong in the controller's configuration, because the URL is
+/// shown in events and public views.
 inline bool is_valid_cml_url(std::string_view url) noexcept
 {
     auto parsed = boost::urls::parse_absolute_uri(url);
@@ -44,7 +46,8 @@ inline bool is_valid_cml_url(std::string_view url) noexcept
     }
     const auto scheme = parsed->scheme_id();
     return (scheme == boost::urls::scheme::http || scheme == boost::urls::scheme::https) &&
-           !parsed->encoded_host().empty() && !parsed->has_query() && !parsed->has_fragment();
+           !parsed->encoded_host().empty() && !parsed->has_userinfo() && !parsed->has_query() &&
+           !parsed->has_fragment();
 }
 
 namespace detail {
