@@ -8,6 +8,9 @@
 #include <lcm/testing/run.hpp>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <atomic>
 #include <cstdint>
@@ -55,10 +58,13 @@ private:
 
 /// A repository that forwards to a `memory_repository` but fails the first
 /// `failing_updates` calls of `update` with `error`, without touching the stored worker.
+/// With `yield_before_update`, each update first yields to the executor, as a database round
+/// trip would, so that other coroutines can change the worker between a read and a write.
 class faulty_repository {
 public:
-    faulty_repository(storage::memory_repository& inner, int failing_updates, errc error)
-        : inner_(inner), failing_updates_(failing_updates), error_(error)
+    faulty_repository(storage::memory_repository& inner, int failing_updates, errc error,
+                      bool yield_before_update = false)
+        : inner_(inner), failing_updates_(failing_updates), error_(error), yield_before_update_(yield_before_update)
     {
     }
 
@@ -70,6 +76,10 @@ public:
     {
         if (++update_calls_ <= failing_updates_) {
             co_return error_;
+        }
+        if (yield_before_update_) {
+            auto executor = co_await boost::asio::this_coro::executor;
+            co_await boost::asio::post(executor, boost::asio::use_awaitable);
         }
         co_return co_await inner_.update(worker);
     }
@@ -99,6 +109,7 @@ private:
     std::atomic<int> update_calls_{0};
     int failing_updates_;
     errc error_;
+    bool yield_before_update_;
 };
 
 static_assert(application::worker_repository<faulty_repository>);
@@ -106,7 +117,7 @@ static_assert(application::worker_repository<faulty_repository>);
 /// Runs each command of a control plane to completion under the test timeout.
 ///
 /// Every command is created in one statement and awaited in another, so no temporary with a
-/// non-trivial destructor lives across a suspension: g++ 12 miscompiles those.
+/// non-trivial destructor lives across a suspension, because g++ 12 miscompiles those.
 template <class Plane>
 class command_runner {
 public:
@@ -199,10 +210,12 @@ struct control_plane_fixture {
     command_runner<decltype(plane)> commands{context, plane};
 };
 
-/// A control plane on a `faulty_repository` that fails the first `failing_updates` updates.
+/// A control plane on a `faulty_repository`, configured as its constructor describes.
 struct faulty_control_plane_fixture {
-    faulty_control_plane_fixture(int failing_updates, errc error, application::control_plane_options options)
-        : repository(storage, failing_updates, error), plane(repository, sink, logs.make_logger(), options)
+    faulty_control_plane_fixture(int failing_updates, errc error, application::control_plane_options options,
+                                 bool yield_before_update = false)
+        : repository(storage, failing_updates, error, yield_before_update),
+          plane(repository, sink, logs.make_logger(), options)
     {
     }
 

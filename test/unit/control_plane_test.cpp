@@ -684,8 +684,8 @@ TEST_CASE("other save errors are not retried", "[application]")
     options.max_attempts = 5;
     lcm::test::faulty_control_plane_fixture fixture(1, errc::unavailable, options);
     REQUIRE(fixture.commands.add("w-1"));
-    const auto operation_id = fixture.commands.request_registration("w-1", token);
-    REQUIRE(operation_id.error() == errc::unavailable);
+    const auto rejected = fixture.commands.request_registration("w-1", token);
+    REQUIRE(rejected.error() == errc::unavailable);
 
     CHECK(fixture.repository.update_calls() == 1);
     CHECK(fixture.sink.events().size() == 1);
