@@ -116,13 +116,11 @@ TEST_CASE("repository rejects a duplicate id", "[storage]")
                                            lcm::domain::worker_status::stopped, "admin")
                             .value();
 
-    auto duplicate = lcm::testing::run_with_timeout(context, [&]() -> awaitable<result<std::uint64_t>> {
-        co_await repository.add(first);
-        auto added = co_await repository.add(second);
-        co_return added;
-    }());
+    auto added = lcm::testing::run_with_timeout(context, repository.add(first));
+    auto duplicate = lcm::testing::run_with_timeout(context, repository.add(second));
     auto stored = lcm::testing::run_with_timeout(context, repository.get("w-1"));
 
+    REQUIRE(added);
     CHECK(duplicate.error() == errc::already_exists);
     CHECK(repository.size() == 1);
     REQUIRE(stored);
@@ -345,13 +343,14 @@ TEST_CASE("change wait wakes on a later change", "[storage]")
 
     std::optional<result<std::uint64_t>> woken;
     std::optional<std::uint64_t> sequence_seen_by_writer;
+    std::optional<result<std::uint64_t>> written;
     auto wait = [&]() -> awaitable<void> { woken = co_await repository.wait_for_change(before); };
     auto write = [&]() -> awaitable<void> {
         // The waiter was spawned first and runs until it suspends, so nothing woke it yet.
         sequence_seen_by_writer = repository.change_sequence();
         auto changed = stored;
         changed.change_status(lcm::domain::worker_status::stopped, "admin");
-        co_await repository.update(changed);
+        written = co_await repository.update(changed);
     };
 
     std::vector<awaitable<void>> tasks;
@@ -359,6 +358,8 @@ TEST_CASE("change wait wakes on a later change", "[storage]")
     tasks.push_back(write());
     lcm::testing::run_with_timeout(context, lcm::test::run_concurrently(std::move(tasks)));
 
+    REQUIRE(written.has_value());
+    CHECK(written->has_value());
     CHECK(sequence_seen_by_writer == before);
     REQUIRE(woken.has_value());
     REQUIRE(*woken);
