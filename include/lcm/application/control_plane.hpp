@@ -41,9 +41,10 @@ struct add_worker_request {
 };
 
 struct control_plane_options {
-    /// How often a command reloads and retries after a `version_conflict` before giving up.
-    /// Conflicts only happen when two writers touch one worker at the same moment, so a
-    /// handful of attempts is enough; each attempt costs one read and one conditional write.
+    /// How many times a command tries to save, the first try included, before it returns
+    /// `version_conflict`. Conflicts only happen when two writers touch one worker at the
+    /// same moment, so a handful of tries is enough; each costs one read and one conditional
+    /// write.
     int max_attempts = 8;
 };
 

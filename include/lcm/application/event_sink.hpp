@@ -14,6 +14,10 @@ namespace lcm::application {
 /// Receives the events of one saved change, in the order the aggregate raised them.
 /// `publish` is awaited before the command returns; an exception from it propagates to the
 /// caller, but the change stays saved. Implementations must be safe to call concurrently.
+///
+/// NOTE: two saves of one worker publish independently, so a slow `publish` of the first
+/// can arrive after the second. Consumers that need the order sort a worker's events by
+/// operation id and step; a transactional outbox would remove the gap.
 template <class S>
 concept event_sink = requires(S& sink, std::vector<domain::domain_event> events) {
     { sink.publish(std::move(events)) } -> std::same_as<boost::asio::awaitable<void>>;
