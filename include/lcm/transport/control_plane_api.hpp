@@ -50,7 +50,7 @@ struct control_plane_api_options {
     /// Maximum accepted `timeout_ms` of the change feed; keep it below the clients' request timeout.
     std::chrono::milliseconds max_change_wait{60'000};
     /// Returns the Prometheus text exposition that `GET /metrics` serves. Without it the route
-    /// answers an empty exposition.
+    /// returns an empty exposition.
     std::function<std::string()> metrics_text;
     /// Called after every request with the matched route pattern, status and duration, for
     /// request metrics.
@@ -95,7 +95,7 @@ private:
 
     using route_handler = std::function<boost::asio::awaitable<http_response>(request_context&)>;
 
-    /// Who is recorded as `initiated_by` for requests of each route group.
+    /// The `initiated_by` values recorded for requests of each route group.
     static constexpr std::string_view public_caller = "api";
     static constexpr std::string_view internal_caller = "worker-controller";
 
@@ -255,7 +255,25 @@ private:
         return make_error_response(errc::invalid_argument, "path parameter 'operation_id' must be an unsigned integer");
     }
 
-    /// Answers a failed command, and logs failures that are not the client's fault.
+    /// Reads the operation id from the path and the JSON body of a step report. Returns the
+    /// error response when either is invalid, and nothing otherwise.
+    static std::optional<http_response> read_report(const request_context& context, bool body_required,
+                                                    std::uint64_t& operation_id, boost::json::value& body)
+    {
+        auto parsed_id = operation_id_of(context);
+        if (!parsed_id) {
+            return operation_id_error();
+        }
+        auto parsed_body = json_body(context, body_required);
+        if (!parsed_body) {
+            return body_error(parsed_body.error());
+        }
+        operation_id = parsed_id.value();
+        body = std::move(parsed_body).value();
+        return std::nullopt;
+    }
+
+    /// Builds the error response of a failed command, and logs failures that are not the client's fault.
     http_response command_error(const request_context& context, const boost::system::error_code& error) const
     {
         if (http_status(error) >= 500) {
@@ -464,37 +482,31 @@ private:
 
     boost::asio::awaitable<http_response> complete_registration(request_context& context)
     {
-        auto operation_id = operation_id_of(context);
-        if (!operation_id) {
-            co_return operation_id_error();
-        }
-        auto body = json_body(context, true);
-        if (!body) {
-            co_return body_error(body.error());
+        std::uint64_t operation_id = 0;
+        boost::json::value body;
+        if (auto rejected = read_report(context, true, operation_id, body)) {
+            co_return std::move(*rejected);
         }
         std::string field;
-        auto details = detail::decode_details(body.value(), field);
+        auto details = detail::decode_details(body, field);
         if (!details) {
             co_return field_error(field, "of the documented type");
         }
         std::string worker_id(context.path_parameter("worker_id"));
         auto completed =
-            co_await plane_.complete_registration(std::move(worker_id), operation_id.value(), std::move(details).value());
+            co_await plane_.complete_registration(std::move(worker_id), operation_id, std::move(details).value());
         co_return worker_response(context, completed);
     }
 
     boost::asio::awaitable<http_response> complete_deregistration(request_context& context)
     {
-        auto operation_id = operation_id_of(context);
-        if (!operation_id) {
-            co_return operation_id_error();
-        }
-        auto body = json_body(context, false);
-        if (!body) {
-            co_return body_error(body.error());
+        std::uint64_t operation_id = 0;
+        boost::json::value body;
+        if (auto rejected = read_report(context, false, operation_id, body)) {
+            co_return std::move(*rejected);
         }
         std::optional<std::string> warning;
-        if (const auto* text = body.value().get_object().if_contains("warning"); text && !text->is_null()) {
+        if (const auto* text = body.get_object().if_contains("warning"); text && !text->is_null()) {
             if (!text->is_string()) {
                 co_return field_error("warning", "a string or null");
             }
@@ -502,21 +514,18 @@ private:
         }
         std::string worker_id(context.path_parameter("worker_id"));
         auto completed =
-            co_await plane_.complete_deregistration(std::move(worker_id), operation_id.value(), std::move(warning));
+            co_await plane_.complete_deregistration(std::move(worker_id), operation_id, std::move(warning));
         co_return worker_response(context, completed);
     }
 
     boost::asio::awaitable<http_response> fail_operation(request_context& context)
     {
-        auto operation_id = operation_id_of(context);
-        if (!operation_id) {
-            co_return operation_id_error();
+        std::uint64_t operation_id = 0;
+        boost::json::value body;
+        if (auto rejected = read_report(context, true, operation_id, body)) {
+            co_return std::move(*rejected);
         }
-        auto body = json_body(context, true);
-        if (!body) {
-            co_return body_error(body.error());
-        }
-        domain::detail::json_reader reader(body.value());
+        domain::detail::json_reader reader(body);
         auto code = reader.string("code");
         if (reader.failed() || code.empty()) {
             co_return field_error("code", "a non-empty string");
@@ -526,7 +535,7 @@ private:
             co_return field_error("message", "a string");
         }
         std::string worker_id(context.path_parameter("worker_id"));
-        auto failed = co_await plane_.fail_operation(std::move(worker_id), operation_id.value(), std::move(code),
+        auto failed = co_await plane_.fail_operation(std::move(worker_id), operation_id, std::move(code),
                                                      std::move(message));
         co_return worker_response(context, failed);
     }
@@ -539,8 +548,8 @@ private:
         return make_json_response(http::status::ok, domain::to_public_json(worker.value()));
     }
 
-    /// Answers the current change sequence, or with `after`, waits until the sequence passes
-    /// it or `timeout_ms` elapses, and then answers the sequence it saw (`after` on timeout).
+    /// Returns the current change sequence. With `after`, it first waits until the sequence
+    /// passes `after` or `timeout_ms` elapses, and returns `after` itself on timeout.
     /// An `after` beyond the current sequence, as after a restart of an in-memory store, is
     /// answered at once with the current sequence, so the controller resynchronizes.
     boost::asio::awaitable<http_response> changes(request_context& context)

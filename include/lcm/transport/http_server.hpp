@@ -64,8 +64,8 @@ struct http_server_options {
     std::chrono::milliseconds shutdown_timeout{5'000};
 };
 
-/// Handles one request. Errors the client caused are answered with a response, usually
-/// `make_error_response`; an exception is treated as a bug and answered with 500.
+/// Handles one request. The handler returns a response for errors the client caused,
+/// usually from `make_error_response`. The server treats an exception as a bug and responds 500.
 using request_handler = std::function<boost::asio::awaitable<http_response>(http_request)>;
 
 /// An HTTP/1.1 server that passes every request to one `request_handler`.
@@ -73,7 +73,7 @@ using request_handler = std::function<boost::asio::awaitable<http_response>(http
 /// Call `listen()`, then `co_await run()`, which accepts connections until `stop()` and
 /// returns after every connection has closed. The acceptor, every connection and every
 /// handler call run on one strand of the given executor, so handlers need no locking
-/// against each other; the io_context may still have several threads.
+/// against each other. The io_context may still run on several threads.
 ///
 /// Thread safety: `stop()`, `connection_count()` and `local_endpoint()` may be called from
 /// any thread; `listen()` and `run()` from one caller. The server must outlive `run()`.
