@@ -135,7 +135,7 @@ TEST_CASE("api empty credentials reject everyone", "[integration]")
     }());
 }
 
-TEST_CASE("api add worker answers 201", "[integration]")
+TEST_CASE("api add worker returns 201", "[integration]")
 {
     served_control_plane f;
     run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
@@ -231,7 +231,7 @@ TEST_CASE("api get and list workers", "[integration]")
     }());
 }
 
-TEST_CASE("api license requests answer 202", "[integration]")
+TEST_CASE("api license requests return 202", "[integration]")
 {
     served_control_plane f;
     run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
@@ -368,7 +368,7 @@ TEST_CASE("api rejects bad bodies", "[integration]")
     }());
 }
 
-TEST_CASE("api unknown routes answer 404", "[integration]")
+TEST_CASE("api unknown routes return 404", "[integration]")
 {
     served_control_plane f;
     run_served(f.context, f.server, [&]() -> asio::awaitable<void> {

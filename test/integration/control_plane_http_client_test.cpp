@@ -33,7 +33,7 @@ control_plane_http_client_options client_options(unsigned short port)
     return options;
 }
 
-/// A handler that answers 503 to the first `failures` requests and then `{"sequence": 7}`.
+/// A handler that responds 503 to the first `failures` requests and then `{"sequence": 7}`.
 struct flaky_handler {
     int failures = 0;
     int calls = 0;
@@ -273,7 +273,7 @@ TEST_CASE("client wait_for_change wakes", "[integration]")
         std::chrono::seconds(10));
 }
 
-TEST_CASE("client retries 503 answers", "[integration]")
+TEST_CASE("client retries 503 responses", "[integration]")
 {
     asio::io_context context;
     log_capture logs;
@@ -369,7 +369,10 @@ TEST_CASE("client request times out", "[integration]")
 
 TEST_CASE("client call is cancellable", "[integration]")
 {
-    served_control_plane f;
+    // The server keeps waiting on the abandoned long-poll until its shutdown timeout.
+    transport::http_server_options options;
+    options.shutdown_timeout = std::chrono::milliseconds(100);
+    served_control_plane f(options);
     control_plane_http_client client(f.context.get_executor(), client_options(f.server.port()), f.logs.make_logger());
 
     run_served(f.context, f.server, [&]() -> asio::awaitable<void> {

@@ -150,7 +150,7 @@ TEST_CASE("server rejects malformed request", "[integration]")
     }());
 }
 
-TEST_CASE("server answers handler exception with 500", "[integration]")
+TEST_CASE("server maps handler exception to 500", "[integration]")
 {
     asio::io_context context;
     log_capture logs;

@@ -580,6 +580,8 @@ private:
 
         using namespace boost::asio::experimental::awaitable_operators;
         boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, wait);
+        // NOTE: a stopping server does not wake this wait, so a held long-poll delays
+        // http_server::run() until its shutdown_timeout, after which the connection is closed.
         // The first to finish cancels the other. The race is a named local because g++ 12
         // mishandles temporaries with destructors inside a co_await expression.
         auto race = repository.wait_for_change(after.value()) || timer.async_wait(boost::asio::use_awaitable);

@@ -43,7 +43,7 @@
 
 namespace lcm::transport {
 
-/// Where the control plane is, how to authenticate, and the client's limits.
+/// Address, credentials, timeouts and limits of `control_plane_http_client`.
 struct control_plane_http_client_options {
     /// Host name or address of the control plane. The default is loopback.
     std::string host = "127.0.0.1";
@@ -57,7 +57,7 @@ struct control_plane_http_client_options {
     /// Maximum time of one call, every attempt and backoff included. A change-feed call
     /// gets its wait time on top.
     std::chrono::milliseconds total_timeout{30'000};
-    /// Maximum number of attempts of one call. Connection errors, timeouts and 5xx answers
+    /// Maximum number of attempts of one call. Connection errors, timeouts and 5xx responses
     /// are retried; the internal API's steps are idempotent, so a repeat is safe.
     int max_attempts = 4;
     /// The wait before the second attempt; it doubles for each further attempt.

@@ -61,7 +61,7 @@ struct request_context {
     std::vector<std::pair<std::string, std::string>> path_parameters;
 };
 
-/// What `router` reports to its observer after each routed request.
+/// Summary of one routed request, passed to the router's observer.
 struct request_summary {
     http::verb method;
     /// The matched pattern, or empty when no route matched; never the raw path, so a
@@ -73,8 +73,8 @@ struct request_summary {
 
 /// Matches a request's method and path against the table and awaits the route's handler.
 ///
-/// A path that matches no pattern is answered 404 (`not_found`), and so is a known path
-/// with a method it does not have. Build the table before the first `dispatch`; after that
+/// A path that matches no pattern gets 404 (`not_found`), and so does a known path with a
+/// method it does not have. Build the table before the first `dispatch`; after that
 /// the router is read-only and `dispatch` may run concurrently.
 class router {
 public:
@@ -84,8 +84,8 @@ public:
     /// Adds a route. A segment `{name}` matches any one non-empty segment.
     void add(http::verb method, std::string pattern, handler route_handler)
     {
-        entry added{{method, std::move(pattern)}, split(added.info.pattern), std::move(route_handler)};
-        entries_.push_back(std::move(added));
+        auto segments = split(pattern);
+        entries_.push_back(entry{{method, std::move(pattern)}, std::move(segments), std::move(route_handler)});
     }
 
     /// Sets the function called after every dispatched request, for example to count requests.
