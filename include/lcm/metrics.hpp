@@ -308,7 +308,7 @@ public:
             out.append("\n# TYPE ").append(name).push_back(' ');
             out.append(type_name(family_entry.type)).push_back('\n');
             for (const auto& [values, series] : family_entry.series) {
-                append_series(out, name, family_entry, values, *series);
+                append_series(out, name, family_entry, values, series.get());
             }
         }
         return out;

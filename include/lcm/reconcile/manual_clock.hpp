@@ -79,11 +79,22 @@ private:
     boost::system::error_code error_;
 };
 
+// Posts the completions in order of expiry. The order is sorted through pointers because
+// any_completion_handler's move assignment recurses without end in Boost 1.81, so the waits
+// themselves must only be move-constructed, never assigned.
 inline void complete_waits(std::vector<manual_wait> waits, boost::system::error_code error)
 {
+    std::vector<manual_wait*> order;
+    order.reserve(waits.size());
     for (auto& wait : waits) {
-        auto executor = wait.work;
-        boost::asio::post(executor, manual_wait_completion(std::move(wait), error));
+        order.push_back(&wait);
+    }
+    std::stable_sort(order.begin(), order.end(), [](const manual_wait* a, const manual_wait* b) {
+        return a->expiry < b->expiry;
+    });
+    for (manual_wait* wait : order) {
+        auto executor = wait->work;
+        boost::asio::post(executor, manual_wait_completion(std::move(*wait), error));
     }
 }
 
@@ -132,7 +143,6 @@ public:
                 }
             }
         }
-        std::stable_sort(due.begin(), due.end(), [](const auto& a, const auto& b) { return a.expiry < b.expiry; });
         detail::complete_waits(std::move(due), {});
     }
 

@@ -185,8 +185,10 @@ private:
         strand_type strand;
         timer_type watchdog;
         boost::asio::cancellation_signal cancel_signal;
-        // Guarded by the core's mutex: the suspended worker's continuation while it is idle.
-        wake_handler wake;
+        // Guarded by the core's mutex: the suspended worker's continuation while it is idle. It is
+        // emplaced and reset, never assigned, because any_completion_handler's move assignment
+        // recurses without end in Boost 1.81.
+        std::optional<wake_handler> wake;
         // The members below are touched only on `strand`.
         bool busy = false;
         bool watchdog_armed = false;
@@ -252,7 +254,8 @@ private:
         while (wakes.size() < limit && !idle_.empty()) {
             worker* woken = idle_.back();
             idle_.pop_back();
-            wakes.emplace_back(woken, std::move(woken->wake));
+            wakes.emplace_back(woken, std::move(*woken->wake));
+            woken->wake.reset();
         }
         return wakes;
     }
@@ -301,7 +304,7 @@ private:
                     boost::asio::post(self.strand, std::move(handler));
                     return;
                 }
-                self.wake = wake_handler(std::move(handler));
+                self.wake.emplace(std::move(handler));
                 idle_.push_back(&self);
             },
             boost::asio::use_awaitable);
@@ -349,14 +352,14 @@ private:
                 auto spec = co_await handler_->read_spec(key);
                 if (!spec) {
                     outcome = action::retry(spec.error());
-                } else if (*spec) {
+                } else if (spec.value()) {
                     stage = "read_status";
-                    auto status = co_await handler_->read_status(key, **spec);
+                    auto status = co_await handler_->read_status(key, *spec.value());
                     if (!status) {
                         outcome = action::retry(status.error());
                     } else {
                         stage = "reconcile";
-                        outcome = co_await handler_->reconcile(key, **spec, *status);
+                        outcome = co_await handler_->reconcile(key, *spec.value(), status.value());
                     }
                 }
             } catch (...) {
@@ -618,6 +621,7 @@ private:
 
     boost::asio::awaitable<void> wait_for_stop_request()
     {
+        const auto state = co_await boost::asio::this_coro::cancellation_state;
         for (;;) {
             {
                 std::lock_guard lock(mutex_);
@@ -627,7 +631,7 @@ private:
             }
             stop_timer_.expires_at(time_point::max());
             co_await stop_timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
-            if ((co_await boost::asio::this_coro::cancellation_state).cancelled() != cancellation_none) {
+            if (state.cancelled() != cancellation_none) {
                 co_return;
             }
         }
@@ -635,6 +639,7 @@ private:
 
     boost::asio::awaitable<void> pump_delayed_keys()
     {
+        const auto state = co_await boost::asio::this_coro::cancellation_state;
         for (;;) {
             time_point due;
             {
@@ -644,7 +649,7 @@ private:
             }
             pump_timer_.expires_at(due);
             auto [error] = co_await pump_timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
-            if ((co_await boost::asio::this_coro::cancellation_state).cancelled() != cancellation_none) {
+            if (state.cancelled() != cancellation_none) {
                 std::lock_guard lock(mutex_);
                 pump_due_ = time_point::min();
                 co_return;
@@ -669,17 +674,18 @@ private:
 
     boost::asio::awaitable<void> resync()
     {
+        const auto state = co_await boost::asio::this_coro::cancellation_state;
         std::uint32_t failures = 0;
         for (;;) {
             auto listed = co_await list_keys();
-            if ((co_await boost::asio::this_coro::cancellation_state).cancelled() != cancellation_none) {
+            if (state.cancelled() != cancellation_none) {
                 co_return;
             }
 
             duration next = options_.resync_period;
             if (listed) {
                 failures = 0;
-                enqueue_listed(std::move(*listed));
+                enqueue_listed(std::move(listed).value());
                 if (next <= duration::zero()) {
                     next = duration::max();
                 }
@@ -696,7 +702,7 @@ private:
             const time_point now = clock_.now();
             resync_timer_.expires_at(next > time_point::max() - now ? time_point::max() : now + next);
             co_await resync_timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
-            if ((co_await boost::asio::this_coro::cancellation_state).cancelled() != cancellation_none) {
+            if (state.cancelled() != cancellation_none) {
                 co_return;
             }
         }
@@ -710,8 +716,8 @@ private:
         } catch (...) {
             thrown = std::current_exception();
         }
-        const bool cancelled =
-            (co_await boost::asio::this_coro::cancellation_state).cancelled() != cancellation_none;
+        const auto state = co_await boost::asio::this_coro::cancellation_state;
+        const bool cancelled = state.cancelled() != cancellation_none;
         if (!cancelled && options_.log.enabled(log_level::error)) {
             options_.log.error("listing keys threw an exception",
                                {{"controller", options_.name}, {"exception", describe(thrown)}});
@@ -751,7 +757,8 @@ private:
             std::lock_guard lock(mutex_);
             stopping_ = true;
             for (worker* waiting : idle_) {
-                idle.emplace_back(waiting, std::move(waiting->wake));
+                idle.emplace_back(waiting, std::move(*waiting->wake));
+                waiting->wake.reset();
             }
             idle_.clear();
         }
