@@ -199,9 +199,9 @@ inline boost::asio::awaitable<void> settle(int rounds = 200)
     }
 }
 
-/// Yields until `condition` holds; throws after `max_rounds` yields, naming `what`.
+/// Yields until `condition` is true. Throws after `max_rounds` yields, naming `description`.
 template <class Condition>
-boost::asio::awaitable<void> wait_until(Condition condition, const char* what, int max_rounds = 100000)
+boost::asio::awaitable<void> wait_until(Condition condition, const char* description, int max_rounds = 100000)
 {
     auto executor = co_await boost::asio::this_coro::executor;
     for (int i = 0; i < max_rounds; ++i) {
@@ -210,7 +210,7 @@ boost::asio::awaitable<void> wait_until(Condition condition, const char* what, i
         }
         co_await boost::asio::post(executor, boost::asio::use_awaitable);
     }
-    throw std::runtime_error(std::string("condition not reached: ") + what);
+    throw std::runtime_error(std::string("condition not reached: ") + description);
 }
 
 /// Work that takes `length` of manual time; a cancellation ends it with `operation_aborted`.

@@ -47,15 +47,15 @@ struct reconciler_options {
     /// The `controller` label of the metrics and the `controller` field of log records.
     std::string name = "reconciler";
 
-    /// Number of worker coroutines, so the maximum number of reconciles at the same time. 16 lets one
-    /// hung host hold one slot while the other keys proceed; controller-runtime's default of 1 would
-    /// let it block the whole fleet for up to `reconcile_timeout`. Must be at least 1.
+    /// Number of worker coroutines, which is the maximum number of reconciles at the same time.
+    /// With 16, one hung host occupies one slot while the other keys proceed. controller-runtime's
+    /// default of 1 would let it block the whole fleet for up to `reconcile_timeout`. Must be at least 1.
     std::size_t max_concurrent_reconciles = 16;
 
     /// Retry backoff of failed keys; see `backoff_policy` for its defaults.
     backoff_policy backoff;
 
-    /// Longest requeue, retry or retry-after delay; longer requests are clamped to it.
+    /// Maximum requeue, retry or retry-after delay. Longer requests are clamped to it.
     duration max_delay = std::chrono::hours(24);
 
     /// When set, a key that keeps failing for this long goes to the terminal-failure hook.
@@ -79,11 +79,11 @@ struct reconciler_options {
 
     lcm::logger log;
 
-    /// Where the metrics go; none are kept when empty.
+    /// Registry that receives the metrics. When empty, no metrics are kept.
     std::shared_ptr<metrics::registry> metrics;
 };
 
-/// What a stopped reconciler left undone.
+/// Report of the work that a stopped reconciler left undone.
 template <class Key>
 struct stop_report {
     /// Keys that still had work: queued, waiting for a requeue or retry, or interrupted by the stop.
@@ -851,7 +851,7 @@ private:
     queue_type queue_;
     std::vector<worker*> idle_;
     std::size_t live_workers_ = 0;
-    // The expiry the pump waits for; min() while no pump runs, so that nobody asks it to re-arm.
+    // The expiry the pump waits for; min() while no pump runs, so that no caller asks it to re-arm.
     time_point pump_due_ = time_point::min();
     bool started_ = false;
     bool stop_requested_ = false;
@@ -872,7 +872,7 @@ private:
 ///
 /// Keys come from `enqueue` (change notifications), from a resync that lists all keys periodically,
 /// and from the same listing at startup. `max_concurrent_reconciles` long-lived worker coroutines
-/// pull keys from a `work_queue`, so a key waiting for its requeue or retry time holds no worker.
+/// pull keys from a `work_queue`, so a key waiting for its requeue or retry time occupies no worker.
 /// Each worker runs on its own strand of the given executor, so a multi-threaded `io_context` runs
 /// reconciles of different keys in parallel.
 ///
@@ -926,7 +926,7 @@ public:
     /// Runs the startup sweep, the resync, the workers and the delayed-key timer until a stop is
     /// requested or `run()` is cancelled, then stops gracefully and returns what was left undone.
     /// May be awaited once. A second cancellation during the grace period cancels running reconciles
-    /// at once; `run()` still waits until each of them has returned, so a reconcile that ignores
+    /// at once. `run()` still waits until each of them has returned, so a reconcile that ignores
     /// cancellation delays it.
     boost::asio::awaitable<stop_report<Key>> run() { return core_type::run(core_); }
 
