@@ -156,11 +156,16 @@ public:
 
     void request_stop()
     {
+        bool running = false;
         {
             std::lock_guard lock(mutex_);
             stop_requested_ = true;
+            running = started_ && !closed_;
         }
-        boost::asio::post(control_, [self = this->shared_from_this()] { self->stop_timer_.cancel(); });
+        // A run() that starts later finds the flag; one that has returned needs nothing.
+        if (running) {
+            boost::asio::post(control_, [self = this->shared_from_this()] { self->stop_timer_.cancel(); });
+        }
     }
 
     queue_stats stats() const
@@ -876,8 +881,9 @@ private:
 /// Each worker runs on its own strand of the given executor, so a multi-threaded `io_context` runs
 /// reconciles of different keys in parallel.
 ///
-/// Lifetime: the reconciler may be destroyed while `run()` is in progress, which requests a stop;
-/// the internal state lives until `run()` returns.
+/// Lifetime: like any Asio I/O object, destroy the reconciler before its execution context. It may
+/// be destroyed while `run()` is in progress, which requests a stop; the internal state then lives
+/// until `run()` returns.
 /// Thread safety: `enqueue`, `enqueue_after`, `request_stop` and `stats` may be called from any
 /// thread at the same time.
 template <class Spec, class Status, reconcile_key Key = std::string, reconcile_clock Clock = steady_clock>
