@@ -1,0 +1,407 @@
+// The license reconciler: drives each worker's CML host to the license intent that the
+// control plane recorded, on top of the generic reconcile loop.
+#pragma once
+
+#include <lcm/controller/cml_client.hpp>
+#include <lcm/controller/control_plane_client.hpp>
+#include <lcm/controller/license_decision.hpp>
+#include <lcm/domain/time.hpp>
+#include <lcm/error.hpp>
+#include <lcm/log.hpp>
+#include <lcm/reconcile/reconciler.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/json/value.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lcm::controller {
+
+struct license_reconciler_options {
+    license_decision_options decision;
+    /// How long to wait before reading CML's licensing status again while a registration
+    /// runs. CML's own Python client polls every 1.5 s.
+    std::chrono::milliseconds poll_interval{1500};
+    /// The most pending operations one listing returns, at startup, at each resync and after
+    /// each change notification.
+    std::size_t list_limit = 100000;
+    /// The wall clock that operation deadlines are measured with; `now_utc` when empty.
+    std::function<timestamp()> wall_clock;
+    logger log;
+};
+
+/// What `read_status` observed: CML's licensing status, or a decision taken without it
+/// (the worker stopped, the deadline passed, or CML refused the read for good).
+struct license_observation {
+    std::optional<cml_licensing_status> cml;
+    std::optional<license_decision> verdict;
+};
+
+/// Converts what CML reported for a completed registration into the domain's details.
+/// CML's failure text is left out, because it may quote an older token.
+inline domain::registration_details registration_details_of(const cml_licensing_status& status)
+{
+    domain::registration_details details;
+    details.registration_status = std::string(to_string(status.registration_status));
+    details.smart_account = status.smart_account.value_or(std::string());
+    details.virtual_account = status.virtual_account.value_or(std::string());
+    details.expiry_date = status.registration_expires;
+    details.authorization_status = status.authorization_status == cml_authorization_status::unknown
+                                       ? status.authorization_status_text
+                                       : std::string(to_string(status.authorization_status));
+    details.features.reserve(status.features.size());
+    for (const auto& feature : status.features) {
+        details.features.push_back({feature.id, feature.name, feature.version, feature.status, feature.in_use});
+    }
+    details.cml_info = boost::json::object{{"product_license", status.product_license},
+                                           {"is_enterprise", status.is_enterprise}};
+    return details;
+}
+
+/// The reconcile handler for license operations, keyed by worker id. Spec is the worker's
+/// pending `license_task`, Status the `license_observation` of its CML host.
+///
+/// Each reconcile reads the task and CML's status first and decides from both (see
+/// `decide_registration`), so it is level-triggered: after a crash or a lost claim it resumes
+/// from what CML reports. It records `start` before the first mutating call to CML, completes a
+/// registration only when CML reports COMPLETED, and requeues after `poll_interval` while CML
+/// is still working, without holding a concurrency slot. Transient errors are returned as
+/// retries, so the reconciler backs off; permanent ones fail the operation at once.
+///
+/// Thread safety: the reconciler never runs two reconciles of one worker at once; `Cml` and
+/// `ControlPlane` must be safe to call concurrently for different workers. Both are held by
+/// reference and must outlive the handler.
+template <cml_client Cml, control_plane_client ControlPlane>
+class license_handler {
+public:
+    license_handler(Cml& cml, ControlPlane& control_plane, license_reconciler_options options)
+        : cml_(&cml), control_plane_(&control_plane), options_(std::move(options))
+    {
+        if (!options_.wall_clock) {
+            options_.wall_clock = [] { return now_utc(); };
+        }
+    }
+
+    boost::asio::awaitable<result<std::vector<std::string>>> list_keys()
+    {
+        BOOST_OUTCOME_CO_TRY(auto tasks, co_await control_plane_->list_pending(options_.list_limit));
+        std::vector<std::string> keys;
+        keys.reserve(tasks.size());
+        for (auto& task : tasks) {
+            keys.push_back(std::move(task.worker_id));
+        }
+        co_return keys;
+    }
+
+    boost::asio::awaitable<result<std::optional<license_task>>> read_spec(const std::string& worker_id)
+    {
+        auto task = co_await control_plane_->get_task(worker_id);
+        if (!task && task.error() == errc::not_found) {
+            co_return std::optional<license_task>();
+        }
+        co_return task;
+    }
+
+    boost::asio::awaitable<result<license_observation>> read_status(const std::string&, const license_task& task)
+    {
+        if (auto verdict = decide_before_cml(task, options_.wall_clock(), options_.decision)) {
+            co_return license_observation{std::nullopt, std::move(verdict)};
+        }
+        const cml_endpoint endpoint{task.cml_url};
+        auto status = co_await cml_->get_licensing_status(endpoint);
+        if (status) {
+            co_return license_observation{std::move(status).value(), std::nullopt};
+        }
+        if (is_transient_cml_error(status.error())) {
+            log_cml_error(task, cml_call::get_licensing_status, status.error());
+            co_return status.error();
+        }
+        co_return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status)};
+    }
+
+    boost::asio::awaitable<reconcile::action> reconcile(const std::string&, const license_task& task,
+                                                        const license_observation& observed)
+    {
+        if (observed.verdict) {
+            co_return co_await report(task, *observed.verdict, nullptr);
+        }
+
+        auto current = task;
+        auto status = *observed.cml;
+        auto decision = decide(current, status);
+        // Two rounds: act, then read the status once more, so that a registration CML
+        // finishes at once completes in the same reconcile instead of after a poll interval.
+        for (int round = 0; round < 2; ++round) {
+            switch (decision.action) {
+            case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
+
+            case license_action::complete_registration:
+            case license_action::fail: co_return co_await report(current, decision, &status);
+
+            case license_action::post_registration: {
+                if (auto stop = co_await ensure_started(current)) {
+                    co_return *stop;
+                }
+                const cml_endpoint endpoint{current.cml_url};
+                auto posted = co_await cml_->register_license(endpoint, *current.token, current.reregister);
+                if (!posted) {
+                    co_return co_await on_cml_error(current, cml_call::register_license, posted.error());
+                }
+                log_step("license registration posted to CML", current);
+
+                auto reread = co_await cml_->get_licensing_status(endpoint);
+                if (!reread) {
+                    co_return reconcile::action::requeue_after(options_.poll_interval);
+                }
+                status = std::move(reread).value();
+                decision = decide(current, status);
+                break;
+            }
+
+            case license_action::send_deregistration: {
+                if (auto stop = co_await ensure_started(current)) {
+                    co_return *stop;
+                }
+                const cml_endpoint endpoint{current.cml_url};
+                auto outcome = co_await cml_->deregister_license(endpoint);
+                if (!outcome) {
+                    co_return co_await on_cml_error(current, cml_call::deregister_license, outcome.error());
+                }
+                std::optional<std::string> warning;
+                if (outcome.value() == cml_deregistration_outcome::deregistered_locally) {
+                    warning = "CML deregistered the license locally but could not reach the Cisco licensing "
+                              "service; the license may count as used there until it expires";
+                }
+                auto reported = co_await control_plane_->complete_deregistration(current.worker_id,
+                                                                                 current.operation_id, warning);
+                co_return after_report(current, reported, "license deregistration completed");
+            }
+            }
+        }
+        co_return reconcile::action::requeue_after(options_.poll_interval);
+    }
+
+    boost::asio::awaitable<void> on_terminal_failure(const std::string& worker_id,
+                                                     const reconcile::terminal_failure& failure)
+    {
+        options_.log.error("license reconcile gave up",
+                           {{"worker_id", worker_id},
+                            {"error", failure.error.message()},
+                            {"attempts", std::to_string(failure.attempts)}});
+        co_return;
+    }
+
+private:
+    license_decision decide(const license_task& task, const cml_licensing_status& status) const
+    {
+        if (task.operation == domain::license_operation::deregistration) {
+            return decide_deregistration(task, status);
+        }
+        return decide_registration(task, status, options_.decision);
+    }
+
+    /// Records `start` unless the task is started. Returns the action to end the reconcile
+    /// with when the start was not recorded.
+    boost::asio::awaitable<std::optional<reconcile::action>> ensure_started(license_task& task)
+    {
+        if (task.started) {
+            co_return std::nullopt;
+        }
+        auto started = co_await control_plane_->start(task.worker_id, task.operation_id);
+        if (!started) {
+            co_return after_report(task, started, {});
+        }
+        task.started = true;
+        task.started_at = options_.wall_clock();
+        log_step(task.operation == domain::license_operation::registration ? "license registration started"
+                                                                          : "license deregistration started",
+                 task);
+        co_return std::nullopt;
+    }
+
+    boost::asio::awaitable<reconcile::action> report(const license_task& task, const license_decision& decision,
+                                                     const cml_licensing_status* status)
+    {
+        if (decision.action == license_action::complete_registration && status) {
+            auto details = registration_details_of(*status);
+            auto reported =
+                co_await control_plane_->complete_registration(task.worker_id, task.operation_id, std::move(details));
+            co_return after_report(task, reported, "license registration completed");
+        }
+        auto reported =
+            co_await control_plane_->fail(task.worker_id, task.operation_id, decision.error_code, decision.message);
+        if (reported) {
+            options_.log.warning("license operation failed", {{"worker_id", task.worker_id},
+                                                              {"operation_id", std::to_string(task.operation_id)},
+                                                              {"code", decision.error_code},
+                                                              {"reason", decision.message}});
+        }
+        co_return after_report(task, reported, {});
+    }
+
+    /// Maps the control plane's answer to a report: done on success; a fresh look at the
+    /// worker when the operation is no longer current; a retry when the control plane failed.
+    reconcile::action after_report(const license_task& task, const result<void>& reported,
+                                   std::string_view success_message) const
+    {
+        if (reported) {
+            if (!success_message.empty()) {
+                log_step(success_message, task);
+            }
+            return reconcile::action::done();
+        }
+        if (reported.error() == errc::stale_operation || reported.error() == errc::worker_not_running) {
+            // Another controller finished the operation, or a newer request replaced it:
+            // read the worker again instead of acting on an outdated task.
+            options_.log.info("license operation changed under the reconciler",
+                              {{"worker_id", task.worker_id},
+                               {"operation_id", std::to_string(task.operation_id)},
+                               {"error", reported.error().message()}});
+            return reconcile::action::requeue_after(std::chrono::milliseconds(0));
+        }
+        options_.log.warning("reporting to the control plane failed",
+                             {{"worker_id", task.worker_id},
+                              {"operation_id", std::to_string(task.operation_id)},
+                              {"error", reported.error().message()}});
+        return reconcile::action::retry(reported.error());
+    }
+
+    boost::asio::awaitable<reconcile::action> on_cml_error(const license_task& task, cml_call call,
+                                                           const boost::system::error_code& error)
+    {
+        log_cml_error(task, call, error);
+        if (is_transient_cml_error(error)) {
+            co_return reconcile::action::retry(error);
+        }
+        co_return co_await report(task, fail_for_cml_error(error, call), nullptr);
+    }
+
+    void log_cml_error(const license_task& task, cml_call call, const boost::system::error_code& error) const
+    {
+        options_.log.warning("CML call failed", {{"worker_id", task.worker_id},
+                                                 {"operation_id", std::to_string(task.operation_id)},
+                                                 {"call", std::string(to_string(call))},
+                                                 {"error", error.message()}});
+    }
+
+    void log_step(std::string_view message, const license_task& task) const
+    {
+        options_.log.info(message, {{"worker_id", task.worker_id}, {"operation_id", std::to_string(task.operation_id)}});
+    }
+
+    Cml* cml_;
+    ControlPlane* control_plane_;
+    license_reconciler_options options_;
+};
+
+struct license_controller_options {
+    license_reconciler_options license;
+    reconcile::reconciler_options reconciler;
+    /// Whether to wait on the control plane's change feed and enqueue new intents at once.
+    /// Without it, new intents are found by the periodic resync only.
+    bool watch_changes = true;
+    /// The delay before the change feed is read again after it failed.
+    std::chrono::milliseconds change_feed_retry{1000};
+};
+
+/// A license worker-controller: the reconcile loop with the license handler, fed by a
+/// startup sweep, the periodic resync and the control plane's change feed.
+///
+/// Thread safety: `enqueue` and `request_stop` may be called from any thread.
+/// Cancellation: cancelling `run()` stops the controller gracefully, like `request_stop`.
+template <cml_client Cml, control_plane_client ControlPlane, reconcile::reconcile_clock Clock = reconcile::steady_clock>
+class license_controller {
+public:
+    using handler_type = license_handler<Cml, ControlPlane>;
+    using reconciler_type = reconcile::reconciler<license_task, license_observation, std::string, Clock>;
+
+    license_controller(boost::asio::any_io_executor executor, Cml& cml, ControlPlane& control_plane,
+                       license_controller_options options, Clock clock = {})
+        : control_plane_(control_plane),
+          options_(options),
+          reconciler_(executor, handler_type(cml, control_plane, options.license), configure(options.reconciler),
+                      std::move(clock))
+    {
+    }
+
+    /// Runs until a stop is requested or `run()` is cancelled, and returns the keys left undone.
+    boost::asio::awaitable<reconcile::stop_report<std::string>> run()
+    {
+        using namespace boost::asio::experimental::awaitable_operators;
+        if (!options_.watch_changes) {
+            co_return co_await reconciler_.run();
+        }
+        auto finished = co_await (reconciler_.run() || watch_changes());
+        co_return std::get<0>(std::move(finished));
+    }
+
+    void request_stop() { reconciler_.request_stop(); }
+
+    bool enqueue(std::string worker_id) { return reconciler_.enqueue(std::move(worker_id)); }
+
+    reconciler_type& reconciler() noexcept { return reconciler_; }
+
+private:
+    static reconcile::reconciler_options configure(reconcile::reconciler_options options)
+    {
+        if (options.name == reconcile::reconciler_options{}.name) {
+            options.name = "license";
+        }
+        return options;
+    }
+
+    /// Enqueues every pending operation each time the control plane reports a change. The
+    /// reconciler drops duplicates, so listing a worker that is already queued costs little.
+    boost::asio::awaitable<void> watch_changes()
+    {
+        const auto& log = options_.license.log;
+        auto executor = co_await boost::asio::this_coro::executor;
+        std::uint64_t seen = 0;
+        bool have_sequence = false;
+        for (;;) {
+            result<std::uint64_t> next = have_sequence ? co_await control_plane_.wait_for_change(seen)
+                                                       : co_await control_plane_.change_sequence();
+            if (next && have_sequence) {
+                auto tasks = co_await control_plane_.list_pending(options_.license.list_limit);
+                if (tasks) {
+                    for (auto& task : tasks.value()) {
+                        reconciler_.enqueue(std::move(task.worker_id));
+                    }
+                }
+                else {
+                    next = tasks.error();
+                }
+            }
+            if (next) {
+                seen = next.value();
+                have_sequence = true;
+                continue;
+            }
+            if (next.error() == errc::cancelled) {
+                co_return;
+            }
+            log.warning("reading the control plane's change feed failed",
+                        {{"error", next.error().message()},
+                         {"retry_in_ms", std::to_string(options_.change_feed_retry.count())}});
+            boost::asio::steady_timer timer(executor, options_.change_feed_retry);
+            co_await timer.async_wait(boost::asio::use_awaitable);
+        }
+    }
+
+    ControlPlane& control_plane_;
+    license_controller_options options_;
+    reconciler_type reconciler_;
+};
+
+} // namespace lcm::controller
