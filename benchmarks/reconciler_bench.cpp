@@ -9,6 +9,8 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include "bench_support.hpp"
+
 #include <malloc.h>
 
 #include <algorithm>
@@ -29,6 +31,8 @@ namespace {
 using boost::asio::awaitable;
 using lcm::reconcile::action;
 using clock_type = std::chrono::steady_clock;
+using lcm::bench::memory_sample;
+using lcm::bench::sample_memory;
 
 constexpr std::size_t key_count = 1'000'000;
 
@@ -61,34 +65,6 @@ struct instant_handler {
         co_return action::done();
     }
 };
-
-struct memory_sample {
-    std::size_t heap_in_use = 0;
-    std::size_t rss = 0;
-    std::size_t peak_rss = 0;
-};
-
-std::size_t status_field_bytes(const char* field)
-{
-    std::ifstream status("/proc/self/status");
-    std::string line;
-    const std::string prefix = std::string(field) + ":";
-    while (std::getline(status, line)) {
-        if (line.rfind(prefix, 0) == 0) {
-            return std::stoull(line.substr(prefix.size())) * 1024;
-        }
-    }
-    return 0;
-}
-
-memory_sample sample_memory()
-{
-    memory_sample sample;
-    sample.heap_in_use = mallinfo2().uordblks;
-    sample.rss = status_field_bytes("VmRSS");
-    sample.peak_rss = status_field_bytes("VmHWM");
-    return sample;
-}
 
 double plain_loop_seconds()
 {

@@ -1,0 +1,197 @@
+// Measures license operations per second through the whole in-process flow: the control plane
+// on the in-memory repository, the license controller, and the fake CML with zero registration
+// delay. Prints one JSON object; see docs/benchmarks.md.
+#include <lcm/application/control_plane.hpp>
+#include <lcm/controller/control_plane_client.hpp>
+#include <lcm/controller/license_reconciler.hpp>
+#include <lcm/storage/memory_repository.hpp>
+#include <lcm/testing/fake_cml.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+#include <boost/program_options.hpp>
+
+#include "bench_support.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+using lcm::bench::sample_memory;
+using lcm::storage::memory_repository;
+
+/// Counts finished operations and stops the controller when all of them have finished.
+struct finish_counter {
+    std::atomic<std::size_t> completed{0};
+    std::atomic<std::size_t> failed{0};
+    std::size_t expected = 0;
+    std::function<void()> on_all_finished;
+
+    asio::awaitable<void> publish(std::vector<lcm::domain::domain_event> events)
+    {
+        for (const auto& event : events) {
+            const bool done = std::holds_alternative<lcm::domain::license_registration_completed>(event);
+            const bool fail = std::holds_alternative<lcm::domain::license_registration_failed>(event);
+            if (!done && !fail) {
+                continue;
+            }
+            (done ? completed : failed).fetch_add(1, std::memory_order_relaxed);
+            if (completed.load(std::memory_order_relaxed) + failed.load(std::memory_order_relaxed) == expected &&
+                on_all_finished) {
+                on_all_finished();
+            }
+        }
+        co_return;
+    }
+};
+
+using control_plane_type = lcm::application::control_plane<memory_repository, finish_counter>;
+using client_type = lcm::controller::in_process_control_plane_client<memory_repository, finish_counter>;
+using controller_type = lcm::controller::license_controller<lcm::testing::fake_cml_client, client_type>;
+
+struct run_result {
+    std::size_t workers = 0;
+    std::size_t concurrency = 0;
+    double seconds = 0;
+    std::size_t completed = 0;
+    std::size_t failed = 0;
+    std::uint64_t accepted_registrations = 0;
+    std::size_t rss_before_workers = 0;
+    std::size_t rss_with_workers = 0;
+    std::size_t heap_before_workers = 0;
+    std::size_t heap_with_workers = 0;
+};
+
+run_result run_once(std::size_t worker_count, std::size_t concurrency)
+{
+    run_result result;
+    result.workers = worker_count;
+    result.concurrency = concurrency;
+
+    asio::io_context context(1);
+    memory_repository repository;
+    finish_counter counter;
+    counter.expected = worker_count;
+    control_plane_type plane(repository, counter);
+    client_type client(plane);
+
+    lcm::testing::fake_cml cml;
+    lcm::testing::fake_cml_client cml_client(cml, {"admin", lcm::secret("fake-cml-password")});
+
+    const auto before = sample_memory();
+    result.rss_before_workers = before.rss;
+    result.heap_before_workers = before.heap_in_use;
+
+    // Adding workers and requests is setup, not measured.
+    asio::co_spawn(
+        context,
+        [&]() -> asio::awaitable<void> {
+            for (std::size_t i = 0; i < worker_count; ++i) {
+                const std::string id = "worker-" + std::to_string(i);
+                lcm::application::add_worker_request request{id, id, "http://127.0.0.1:9/instances/" + id,
+                                                             lcm::domain::worker_status::running, "bench"};
+                auto added = co_await plane.add_worker(std::move(request));
+                if (!added) {
+                    throw std::runtime_error("adding a worker failed: " + added.error().message());
+                }
+                auto accepted = co_await plane.request_registration(id, lcm::secret("BENCH-TOKEN-" + std::to_string(i)),
+                                                                    false, "bench");
+                if (!accepted) {
+                    throw std::runtime_error("requesting a registration failed: " + accepted.error().message());
+                }
+            }
+        },
+        asio::detached);
+    context.run();
+    context.restart();
+
+    const auto with_workers = sample_memory();
+    result.rss_with_workers = with_workers.rss;
+    result.heap_with_workers = with_workers.heap_in_use;
+
+    lcm::controller::license_controller_options options;
+    options.watch_changes = false;
+    options.license.list_limit = worker_count;
+    options.reconciler.max_concurrent_reconciles = concurrency;
+    options.reconciler.resync_period = std::chrono::hours(1);
+    controller_type controller(context.get_executor(), cml_client, client, options);
+    counter.on_all_finished = [&] { controller.request_stop(); };
+
+    const auto started = std::chrono::steady_clock::now();
+    asio::co_spawn(context, controller.run(), asio::detached);
+    context.run();
+    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+
+    result.completed = counter.completed.load();
+    result.failed = counter.failed.load();
+    result.accepted_registrations = cml.total_counters().accepted_registrations;
+    return result;
+}
+
+boost::json::object to_json(const run_result& result)
+{
+    const double operations = static_cast<double>(result.completed + result.failed);
+    const double heap_per_worker =
+        static_cast<double>(result.heap_with_workers - result.heap_before_workers) / static_cast<double>(result.workers);
+    const double rss_per_worker =
+        static_cast<double>(result.rss_with_workers - result.rss_before_workers) / static_cast<double>(result.workers);
+    return {{"workers", result.workers},
+            {"concurrency", result.concurrency},
+            {"threads", 1},
+            {"seconds", result.seconds},
+            {"operations_completed", result.completed},
+            {"operations_failed", result.failed},
+            {"cml_accepted_registrations", result.accepted_registrations},
+            {"operations_per_second", operations / result.seconds},
+            {"microseconds_per_operation", result.seconds * 1e6 / operations},
+            {"heap_bytes_per_worker", heap_per_worker},
+            {"rss_bytes_per_worker", rss_per_worker}};
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    namespace po = boost::program_options;
+    po::options_description description("lcm-bench-license-inprocess: license operations per second in one process\n"
+                                        "Options");
+    description.add_options()("help", "print this help and exit")(
+        "workers", po::value<std::size_t>()->default_value(100'000), "workers with a pending registration")(
+        "concurrency", po::value<std::vector<std::size_t>>()->multitoken()->default_value({16, 256}, "16 256"),
+        "reconciler concurrency limits to measure, one run each");
+    po::variables_map arguments;
+    try {
+        po::store(po::parse_command_line(argc, argv, description), arguments);
+        po::notify(arguments);
+    }
+    catch (const po::error& error) {
+        std::cerr << "lcm-bench-license-inprocess: " << error.what() << "\n" << description;
+        return 2;
+    }
+    if (arguments.count("help")) {
+        std::cout << description;
+        return 0;
+    }
+
+    boost::json::array runs;
+    for (const auto concurrency : arguments["concurrency"].as<std::vector<std::size_t>>()) {
+        runs.push_back(to_json(run_once(arguments["workers"].as<std::size_t>(), concurrency)));
+    }
+    boost::json::object report{{"benchmark", "license-inprocess"},
+                               {"cml_registration_delay_ms", 0},
+                               {"hardware_threads", std::thread::hardware_concurrency()},
+                               {"runs", std::move(runs)}};
+    std::cout << boost::json::serialize(report) << "\n";
+    return 0;
+}
