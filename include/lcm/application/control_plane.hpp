@@ -219,6 +219,10 @@ private:
 
     void log_outcome(std::string_view message, const std::string& worker_id, const result<operation_accepted>& accepted)
     {
+        // Checked first, because building the fields allocates even when the level is off.
+        if (!log_.enabled(log_level::info)) {
+            return;
+        }
         if (accepted) {
             log_.info(message, {{"worker_id", worker_id}, {"operation_id", std::to_string(accepted.value().operation_id)}});
         }
@@ -230,6 +234,9 @@ private:
     void log_finish(std::string_view message, const std::string& worker_id, std::uint64_t operation_id,
                     const result<domain::cml_worker>& done)
     {
+        if (!log_.enabled(done ? log_level::info : log_level::warning)) {
+            return;
+        }
         if (done) {
             log_.info(message, {{"worker_id", worker_id}, {"operation_id", std::to_string(operation_id)}});
         }

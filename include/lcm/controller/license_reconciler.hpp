@@ -297,6 +297,10 @@ private:
 
     void log_step(std::string_view message, const license_task& task) const
     {
+        // Checked first, because building the fields allocates even when the level is off.
+        if (!options_.log.enabled(log_level::info)) {
+            return;
+        }
         options_.log.info(message, {{"worker_id", task.worker_id}, {"operation_id", std::to_string(task.operation_id)}});
     }
 
