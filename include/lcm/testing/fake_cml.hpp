@@ -416,6 +416,7 @@ private:
         }
 
         std::string token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
+        token.reserve(token.size() + (payload.size() + signature.size()) * 4 / 3 + 4);
         detail::append_base64url(token, payload);
         token.push_back('.');
         detail::append_base64url(token, std::string_view(signature.data(), signature.size()));
