@@ -5,6 +5,8 @@
 
 #include <lcm/testing/run.hpp>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 
@@ -826,4 +828,38 @@ TEST_CASE("reconcile timeout retries operation", "[license]")
     const auto retry = fixture.log.find("reconcile failed; retrying");
     REQUIRE(retry);
     CHECK(retry->find("error=\"timed out\"") != std::string::npos);
+}
+
+TEST_CASE("cancelled run stops controller gracefully", "[license]")
+{
+    license_fixture fixture;
+    auto controller = fixture.make_controller();
+    boost::asio::cancellation_signal cancel;
+    std::optional<lcm::reconcile::stop_report<std::string>> report;
+    std::exception_ptr failure;
+    bool finished = false;
+
+    boost::asio::co_spawn(fixture.context, controller->run(),
+                          boost::asio::bind_cancellation_slot(
+                              cancel.slot(), [&](std::exception_ptr error, lcm::reconcile::stop_report<std::string> done) {
+                                  failure = error;
+                                  report = std::move(done);
+                                  finished = true;
+                              }));
+    run_with_timeout(fixture.context, [&]() -> awaitable<void> {
+        // Stops the controller if the cancellation does not, so that a failure ends the test.
+        struct stop_on_exit {
+            controller_type& controller;
+            ~stop_on_exit() { controller.request_stop(); }
+        } stop_guard{*controller};
+        co_await fixture.add_worker(worker_1);
+        co_await register_and_settle(fixture, worker_1, token_1);
+        cancel.emit(boost::asio::cancellation_type::terminal);
+        co_await advance_until(fixture, [&] { return finished; }, "controller stopped", 500ms, 20);
+    }());
+
+    REQUIRE(finished);
+    CHECK_FALSE(failure);
+    REQUIRE(report);
+    CHECK(report->pending.empty());
 }
