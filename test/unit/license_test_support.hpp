@@ -88,8 +88,8 @@ private:
 };
 
 /// A `cml_client` around `fake_cml_client` that lets a test act just before a registration
-/// or deregistration is sent, and replace the result of a call for chosen endpoints. Both
-/// callbacks run on the calling coroutine's thread.
+/// or deregistration is sent and after a registration returned, and replace the result of a
+/// call for chosen endpoints. The callbacks run on the calling coroutine's thread.
 class scripted_cml_client {
 public:
     using before_call = std::function<void(lcm::cml_call call, const lcm::cml_endpoint& endpoint)>;
@@ -98,8 +98,12 @@ public:
 
     explicit scripted_cml_client(lcm::testing::fake_cml_client& inner) : inner_(inner) {}
 
+    using after_registration =
+        std::function<void(const lcm::cml_endpoint& endpoint, const lcm::secret& token, const lcm::result<void>& posted)>;
+
     before_call before;
     override_result replace;
+    after_registration after_register;
 
     awaitable<lcm::result<void>> authenticate(const lcm::cml_endpoint& endpoint)
     {
@@ -123,7 +127,11 @@ public:
         if (before) {
             before(lcm::cml_call::register_license, endpoint);
         }
-        co_return co_await inner_.register_license(endpoint, token, reregister);
+        auto posted = co_await inner_.register_license(endpoint, token, reregister);
+        if (after_register) {
+            after_register(endpoint, token, posted);
+        }
+        co_return posted;
     }
 
     awaitable<lcm::result<lcm::cml_deregistration_outcome>> deregister_license(const lcm::cml_endpoint& endpoint)
