@@ -53,6 +53,11 @@ inline license_decision fail_with(std::string code, std::string message)
 /// Returns whether CML's last registration attempt belongs to this task's operation: CML
 /// accepted it after the operation started. An unknown attempt time counts as this
 /// operation's, because posting twice is worse than waiting for the deadline.
+///
+/// NOTE: an older operation's attempt less than `clock_skew` before this start also counts
+/// as this operation's. When this operation's first POST never reached CML, it then fails
+/// with `registration_lost`, or with the older FAILED reason, which may quote the older
+/// token in clear text because only this task's token is redacted.
 inline bool attempt_is_ours(const license_task& task, const cml_licensing_status& status,
                             const license_decision_options& options)
 {
