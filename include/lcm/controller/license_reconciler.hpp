@@ -39,8 +39,10 @@ struct license_reconciler_options {
     /// runs. CML's own Python client polls every 1.5 s.
     std::chrono::milliseconds poll_interval{1500};
     /// The most pending operations one listing returns, at startup, at each resync and after
-    /// each change notification.
-    std::size_t list_limit = 100000;
+    /// each change notification. Oldest requests come first, and each finished operation is
+    /// a change, so a backlog larger than this is worked off in order. It must not exceed the
+    /// control plane's page size limit (500 by default in lcm's HTTP API).
+    std::size_t list_limit = 500;
     /// The wall clock that operation deadlines are measured with; `now_utc` when empty.
     std::function<timestamp()> wall_clock;
     logger log;
