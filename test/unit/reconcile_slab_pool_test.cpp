@@ -128,6 +128,30 @@ TEST_CASE("slab pool frees empty chunks", "[reconcile]")
     CHECK(pool.chunk_count() == 1);
 }
 
+TEST_CASE("slab pool releases all when empty", "[reconcile]")
+{
+    int live = 0;
+    small_pool pool;
+    const std::vector<small_pool::handle> handles = create_numbered(pool, 10, live);
+
+    pool.release_if_empty();
+    CHECK(pool.chunk_count() == 3);
+    CHECK(live == 10);
+
+    for (const auto handle : handles) {
+        pool.destroy(handle);
+    }
+    CHECK(pool.chunk_count() == 1);
+    pool.release_if_empty();
+    CHECK(pool.chunk_count() == 0);
+
+    // The pool works again afterwards, from the first handle.
+    const auto created = pool.create(7, live);
+    CHECK(created == 0);
+    CHECK(pool[created].value == 7);
+    CHECK(pool.chunk_count() == 1);
+}
+
 TEST_CASE("slab pool refills emptied chunks", "[reconcile]")
 {
     int live = 0;

@@ -460,13 +460,15 @@ private:
         pool_.destroy(state.handle);
     }
 
-    // The pool frees its empty chunks by itself; the index and the queues keep their capacity.
+    // After a burst, frees the index, the queues and the pool's last chunk. The pool frees its
+    // other chunks by itself as they empty.
     void release_memory_if_empty()
     {
         if (!index_.empty() || index_.bucket_count() < shrink_threshold) {
             return;
         }
         index_ = make_index();
+        pool_.release_if_empty();
         std::deque<entry*>().swap(ready_);
         std::vector<entry*>().swap(delayed_);
     }

@@ -1,6 +1,7 @@
 // A pool of objects in fixed-size chunks, addressed by 32-bit handles.
 #pragma once
 
+#include <algorithm>
 #include <bitset>
 #include <cstddef>
 #include <cstdint>
@@ -21,7 +22,7 @@ namespace lcm::reconcile::detail {
 ///   after another sit next to each other, and a walk in creation order reads memory sequentially.
 /// - A chunk whose last object is destroyed is freed at once, except the chunk that new objects
 ///   currently go to. Memory is therefore at most one chunk more than the chunks that hold objects,
-///   and one chunk when the pool is empty.
+///   and at most one chunk when the pool is empty.
 ///
 /// Thread safety: none.
 template <class T, std::size_t ChunkSize = 256>
@@ -90,6 +91,18 @@ public:
         if (was_full) {
             available_.push_back(number);
         }
+    }
+
+    /// Frees every chunk and the lists of chunk numbers, if the pool is empty; otherwise does nothing.
+    void release_if_empty() noexcept
+    {
+        if (size_ != 0) {
+            return;
+        }
+        std::vector<std::unique_ptr<chunk>>().swap(chunks_);
+        std::vector<std::uint32_t>().swap(released_);
+        std::vector<std::uint32_t>().swap(available_);
+        current_ = no_chunk;
     }
 
     T& operator[](handle id) noexcept { return chunks_[id / ChunkSize]->object(id % ChunkSize); }
@@ -201,10 +214,18 @@ private:
         }
         // Reserve room for every chunk number in both lists first, so that destroy(), which is
         // noexcept, never reallocates them.
-        released_.reserve(chunks_.size() + 1);
-        available_.reserve(chunks_.size() + 1);
+        reserve_for(released_, chunks_.size() + 1);
+        reserve_for(available_, chunks_.size() + 1);
         chunks_.push_back(make_chunk());
         return static_cast<std::uint32_t>(chunks_.size() - 1);
+    }
+
+    // Grows `numbers` geometrically, because reserving one more each time would copy it every time.
+    static void reserve_for(std::vector<std::uint32_t>& numbers, std::size_t count)
+    {
+        if (numbers.capacity() < count) {
+            numbers.reserve(std::max(count, 2 * numbers.capacity()));
+        }
     }
 
     // Default-initializes, because std::make_unique would value-initialize and so zero the storage.
