@@ -147,7 +147,7 @@ TEST_CASE("random faults and restarts settle", "[license][random]")
                     plan.second_registration_planned = false;
                     continue;
                 }
-                auto accepted = co_await fixture.plane.request_deregistration(plan.id, "test");
+                auto accepted = co_await fixture.request_deregistration(plan.id);
                 REQUIRE(accepted);
                 plan.operations.insert(accepted.value().operation_id);
                 continue;
@@ -252,11 +252,13 @@ TEST_CASE("controller on four threads", "[license][threads]")
         for (const auto& worker_id : workers) {
             co_await fixture.add_worker(worker_id);
             const std::string token = "TOKEN-" + worker_id;
-            co_await fixture.request_registration(worker_id, token);
+            auto accepted = co_await fixture.request_registration(worker_id, token);
+            REQUIRE(accepted);
         }
         co_await advance_until_settled(fixture, 500ms, 5000);
         for (const auto& worker_id : workers) {
-            co_await fixture.plane.request_deregistration(worker_id, "test");
+            auto accepted = co_await fixture.request_deregistration(worker_id);
+            REQUIRE(accepted);
         }
         co_await advance_until_settled(fixture, 500ms, 5000);
     }());

@@ -182,7 +182,7 @@ TEST_CASE("deregistration completes on 204", "[license]")
     run_with_timeout(fixture.context, run_controller(*controller, [&]() -> awaitable<void> {
         co_await fixture.add_worker(worker_1);
         co_await register_and_settle(fixture, worker_1, token_1);
-        co_await require_accepted(fixture.plane.request_deregistration(worker_1, "test"));
+        co_await require_accepted(fixture.request_deregistration(worker_1));
         co_await advance_until_settled(fixture);
     }()));
 
@@ -207,7 +207,7 @@ TEST_CASE("deregistration 202 records warning", "[license]")
         co_await fixture.add_worker(worker_1);
         co_await register_and_settle(fixture, worker_1, token_1);
         fixture.instance(worker_1).set_licensing_service_reachable(false);
-        co_await require_accepted(fixture.plane.request_deregistration(worker_1, "test"));
+        co_await require_accepted(fixture.request_deregistration(worker_1));
         co_await advance_until_settled(fixture);
     }()));
 
@@ -233,7 +233,7 @@ TEST_CASE("deregistration of deregistered host completes", "[license]")
         // Someone deregisters the host directly, so the controller's DELETE gets 400.
         auto direct = co_await operator_client.deregister_license(endpoint);
         REQUIRE(direct);
-        co_await require_accepted(fixture.plane.request_deregistration(worker_1, "test"));
+        co_await require_accepted(fixture.request_deregistration(worker_1));
         co_await advance_until_settled(fixture);
     }()));
 
@@ -257,7 +257,7 @@ TEST_CASE("deregistration retries after 409", "[license]")
         lcm::testing::fake_cml_faults busy;
         busy.conflict_rate = 1.0;
         fixture.instance(worker_1).set_faults(busy);
-        co_await require_accepted(fixture.plane.request_deregistration(worker_1, "test"));
+        co_await require_accepted(fixture.request_deregistration(worker_1));
         co_await advance_until(
             fixture, [&] { return received(fixture, worker_1, cml_call::deregister_license) >= 4; },
             "four DELETEs answered 409", 100ms);
@@ -403,7 +403,7 @@ TEST_CASE("revoked bearer token logs in again", "[license]")
         CHECK(received(fixture, worker_1, cml_call::authenticate) == 1);
 
         fixture.instance(worker_1).revoke_tokens();
-        co_await require_accepted(fixture.plane.request_deregistration(worker_1, "test"));
+        co_await require_accepted(fixture.request_deregistration(worker_1));
         co_await advance_until_settled(fixture);
     }()));
 
@@ -433,8 +433,10 @@ TEST_CASE("stopped worker fails pending operation", "[license]")
         }
         co_await require_accepted(fixture.request_registration(worker_1, token_1));
         co_await settle();
-        auto stopped = co_await fixture.plane.change_worker_status(worker_1, lcm::domain::worker_status::stopped,
-                                                                   "test");
+        std::string worker = worker_1;
+        std::string requester = "test";
+        auto stopped = co_await fixture.plane.change_worker_status(std::move(worker), lcm::domain::worker_status::stopped,
+                                                                   std::move(requester));
         REQUIRE(stopped);
         co_await advance_until_settled(fixture, 1500ms, 10);
     }()));
@@ -704,7 +706,7 @@ TEST_CASE("conflicting requests while controller runs", "[license]")
                     outcome = co_await fixture.request_registration(worker_id, token);
                 }
                 else {
-                    outcome = co_await fixture.plane.request_deregistration(worker_id, "test");
+                    outcome = co_await fixture.request_deregistration(worker_id);
                 }
                 if (outcome) {
                     accepted[worker_id].push_back(outcome.value().operation_id);

@@ -245,7 +245,17 @@ struct license_fixture {
                                                                                        bool reregister = false)
     {
         lcm::secret secret_token(token);
-        co_return co_await plane.request_registration(worker_id, std::move(secret_token), reregister, "test");
+        std::string worker = worker_id;
+        std::string requester = "test";
+        co_return co_await plane.request_registration(std::move(worker), std::move(secret_token), reregister,
+                                                      std::move(requester));
+    }
+
+    awaitable<lcm::result<lcm::application::operation_accepted>> request_deregistration(const std::string& worker_id)
+    {
+        std::string worker = worker_id;
+        std::string requester = "test";
+        co_return co_await plane.request_deregistration(std::move(worker), std::move(requester));
     }
 
     awaitable<lcm::domain::cml_worker> worker(const std::string& worker_id)
