@@ -285,9 +285,10 @@ private:
         auto request = make_request(base, cml_call::authenticate, encode_authenticate_request(options_.credentials));
         auto reply = co_await send(base, request, deadline);
         if (!reply) {
-            log_.warning("CML login failed", {{"host", base.origin},
-                                              {"endpoint", endpoint.base_url},
-                                              {"error", reply.error().message()}});
+            const auto level = reply.error() == errc::cancelled ? log_level::debug : log_level::warning;
+            log_.log(level, "CML login failed", {{"host", base.origin},
+                                                 {"endpoint", endpoint.base_url},
+                                                 {"error", reply.error().message()}});
             co_return reply.error();
         }
 
@@ -531,6 +532,8 @@ private:
     }
 
     /// Resolves the host name, giving up after `timeout`.
+    /// NOTE: Asio 1.81's resolver ignores per-operation cancellation, so a call cancelled
+    /// during resolution returns only when the resolver or the timer completes.
     boost::asio::awaitable<result<std::vector<boost::asio::ip::tcp::endpoint>>> resolve(const detail::cml_base_url& base,
                                                                                        std::chrono::milliseconds timeout)
     {

@@ -211,7 +211,8 @@ private:
         // Cancellation ends the accept loop; the waits below must still run to the end.
         co_await boost::asio::this_coro::throw_if_cancelled(false);
         log_.info("http server started", {{"address", endpoint_.address().to_string()},
-                                          {"port", std::to_string(endpoint_.port())}});
+                                          {"port", std::to_string(endpoint_.port())},
+                                          {"tls", options_.tls_context ? "on" : "off"}});
 
         const bool cancelled = co_await accept_loop();
         begin_stop();
