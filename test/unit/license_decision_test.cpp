@@ -223,6 +223,23 @@ TEST_CASE("FAILED reason omits the token", "[license]")
     CHECK(decision.message.find("FAILED") != std::string::npos);
 }
 
+TEST_CASE("FAILED in skew window hides reason", "[license]")
+{
+    // An attempt stamped just before the start may be an older operation's, whose failure
+    // text quotes a token this task does not know, so the text is left out.
+    const std::string older_token = "OLDER-TOKEN-777";
+    auto status = status_of(cml_registration_status::failed, started_at - 2s);
+    status.registration_failure =
+        lcm::cml_failure_reason("Failed to register with ID token " + older_token + ": the token is revoked");
+
+    const auto decision = lcm::controller::decide_registration(registration_task(true, false), status, {});
+
+    REQUIRE(decision.action == license_action::fail);
+    CHECK(decision.error_code == "registration_failed");
+    CHECK(decision.message.find(older_token) == std::string::npos);
+    CHECK(decision.message == "CML reported the registration as FAILED");
+}
+
 TEST_CASE("FAILED without reason has a message", "[license]")
 {
     const auto decision = lcm::controller::decide_registration(
