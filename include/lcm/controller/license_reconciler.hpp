@@ -415,6 +415,10 @@ private:
 
     /// Enqueues every pending operation each time the control plane reports a change. The
     /// reconciler drops duplicates, so listing a worker that is already queued costs little.
+    ///
+    /// NOTE: the controller's own writes are changes too, so each one lists up to
+    /// `list_limit` tasks again, and a key that waits for a backoff retry is run early. A
+    /// feed that names the changed workers would remove both costs.
     boost::asio::awaitable<void> watch_changes()
     {
         const auto& log = options_.license.log;

@@ -178,14 +178,12 @@ public:
             log_failure(endpoint, cml_call::deregister_license, reply, mapped.error(), nullptr);
             co_return mapped.error();
         }
-        switch (mapped.value()) {
-        case cml_success::deregistered_locally:
+        const auto outcome = deregistration_outcome_of(mapped.value());
+        if (outcome == cml_deregistration_outcome::deregistered_locally) {
             log_.warning("CML deregistered locally but could not reach the Cisco licensing service",
                          {{"endpoint", endpoint.base_url}});
-            co_return cml_deregistration_outcome::deregistered_locally;
-        case cml_success::already_deregistered: co_return cml_deregistration_outcome::already_deregistered;
-        default: co_return cml_deregistration_outcome::deregistered;
         }
+        co_return outcome;
     }
 
     /// Closes the idle connections. Calls in flight keep theirs.
