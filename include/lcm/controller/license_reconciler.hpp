@@ -38,7 +38,7 @@ struct license_reconciler_options {
     /// How long to wait before reading CML's licensing status again while a registration
     /// runs. CML's own Python client polls every 1.5 s.
     std::chrono::milliseconds poll_interval{1500};
-    /// The most pending operations one listing returns, at startup, at each resync and after
+    /// The maximum number of pending operations one listing returns, at startup, at each resync and after
     /// each change notification. Oldest requests come first, and each finished operation is
     /// a change, so a backlog larger than this is worked off in order. It must not exceed the
     /// control plane's page size limit (500 by default in lcm's HTTP API).
@@ -48,8 +48,8 @@ struct license_reconciler_options {
     logger log;
 };
 
-/// What `read_status` observed: CML's licensing status, or a decision taken without it
-/// (the worker stopped, the deadline passed, or CML refused the read for good).
+/// The observation of `read_status`: CML's licensing status, or a decision taken without it
+/// (the worker stopped, the deadline passed, or CML rejected the read permanently).
 struct license_observation {
     std::optional<cml_licensing_status> cml;
     std::optional<license_decision> verdict;
@@ -257,7 +257,7 @@ private:
         co_return after_report(task, reported, {});
     }
 
-    /// Maps the control plane's answer to a report: done on success; a fresh look at the
+    /// Maps the control plane's response to a report: done on success; a fresh look at the
     /// worker when the operation is no longer current; a retry when the control plane failed.
     reconcile::action after_report(const license_task& task, const result<void>& reported,
                                    std::string_view success_message) const

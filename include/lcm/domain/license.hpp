@@ -18,13 +18,13 @@
 
 namespace lcm::domain {
 
-/// What lcm last recorded about a worker's license.
+/// The state of a worker's license as lcm last recorded it.
 enum class license_status { unregistered, registered, evaluation, expired, invalid };
 
 /// The kind of license operation a worker has pending, or had last.
 enum class license_operation { none, registration, deregistration };
 
-/// How the last finished license operation ended.
+/// The outcome of the last finished license operation.
 enum class operation_outcome { none, completed, failed };
 
 namespace detail {
@@ -139,7 +139,7 @@ struct operation_error {
     friend bool operator==(const operation_error&, const operation_error&) = default;
 };
 
-/// What CML reported when a registration completed.
+/// The details CML reported for a completed registration.
 struct registration_details {
     std::string registration_status;
     std::string smart_account;
@@ -175,7 +175,7 @@ public:
         license_operation last_operation = license_operation::none;
         operation_outcome last_outcome = operation_outcome::none;
         std::optional<operation_error> last_error;
-        /// The warning of a deregistration that CML answered with 202.
+        /// The warning of a deregistration for which CML returned 202.
         std::optional<std::string> last_warning;
         std::optional<timestamp> expiry_date;
         std::string smart_account;
