@@ -1,5 +1,6 @@
 // Measures the reconciler's cost per key against a plain loop that awaits the same coroutines, and
-// prints one JSON object. Run it on an otherwise idle machine; see docs/benchmarks.md.
+// prints one JSON object. Each figure is the median of five runs. Run it on an otherwise idle
+// machine; see docs/benchmarks.md.
 //
 // Usage: lcm-bench-reconciler [--run plain | --run CONCURRENCY,THREADS,METRICS,WINDOW]
 // Without arguments it runs the plain loop and every configuration. `--run` runs only the plain
@@ -202,17 +203,48 @@ int main(int argc, char** argv)
         return 2;
     }
 
+    // Without `--run`, every figure is the median of several runs, because a virtual machine that
+    // shares its host sees bursts of interference lasting a second or two.
+    const int repetitions = run_plain ? 5 : 1;
     const memory_sample at_start = sample_memory();
-    const double plain_seconds = run_plain ? plain_loop_seconds() : 0.0;
+    double plain_seconds = 0.0;
+    if (run_plain) {
+        std::vector<double> samples;
+        for (int i = 0; i < repetitions; ++i) {
+            samples.push_back(plain_loop_seconds());
+        }
+        std::sort(samples.begin(), samples.end());
+        plain_seconds = samples[samples.size() / 2];
+    }
     const double plain_ns = plain_seconds * 1e9 / key_count;
+
+    // The first run of a process pays for faulting in about 100 MB of fresh pages, which a
+    // long-running controller pays once. Without `--run`, an extra run of the first configuration
+    // takes that cost out of the figures below; its own time is printed as "first_run_ns_per_key".
+    // With `--run` the one configuration runs once, so that a profiler counts it once.
+    boost::json::value first_run_ns = nullptr;
+    if (run_plain && !configurations.empty()) {
+        const auto& first = configurations.front();
+        const run_result warm_up = run_reconciler(first.concurrency, first.threads, first.metrics, first.window);
+        first_run_ns = warm_up.total_seconds * 1e9 / key_count;
+    }
 
     boost::json::array runs;
     std::size_t peak_rss = 0;
     for (const auto& config : configurations) {
-        const run_result result = run_reconciler(config.concurrency, config.threads, config.metrics, config.window);
+        std::vector<run_result> samples;
+        for (int i = 0; i < repetitions; ++i) {
+            samples.push_back(run_reconciler(config.concurrency, config.threads, config.metrics, config.window));
+            peak_rss = std::max(peak_rss, samples.back().after.peak_rss);
+        }
+        std::sort(samples.begin(), samples.end(),
+                  [](const run_result& a, const run_result& b) { return a.total_seconds < b.total_seconds; });
+        const run_result& result = samples[samples.size() / 2];
         const double ns_per_key = result.total_seconds * 1e9 / key_count;
-        peak_rss = std::max(peak_rss, result.after.peak_rss);
         runs.push_back(boost::json::object{
+            {"repetitions", repetitions},
+            {"fastest_ns_per_key", samples.front().total_seconds * 1e9 / key_count},
+            {"slowest_ns_per_key", samples.back().total_seconds * 1e9 / key_count},
             {"concurrency", config.concurrency},
             {"threads", config.threads},
             {"metrics", config.metrics},
@@ -243,6 +275,7 @@ int main(int argc, char** argv)
         {"keys", key_count},
         {"hardware_threads", std::thread::hardware_concurrency()},
         {"plain_loop", std::move(plain_loop)},
+        {"first_run_ns_per_key", std::move(first_run_ns)},
         {"runs", std::move(runs)},
         {"memory",
          boost::json::object{{"heap_in_use_at_start_bytes", at_start.heap_in_use},

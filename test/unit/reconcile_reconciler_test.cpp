@@ -126,6 +126,42 @@ TEST_CASE("reconciler respects concurrency limit", "[reconcile]")
     CHECK(report.pending.empty());
 }
 
+TEST_CASE("active workers gauge counts busy workers", "[reconcile]")
+{
+    fixture f;
+    f.set_behaviour([&](const std::string&, int) -> awaitable<action> {
+        co_await simulated_work(f.clock, 10s);
+        co_return action::done();
+    });
+    auto registry = std::make_shared<lcm::metrics::prometheus_registry>();
+    auto options = test_options(3);
+    options.metrics = registry;
+    auto reconciler = f.make(options);
+    for (int i = 0; i < 4; ++i) {
+        reconciler.enqueue("key" + std::to_string(i));
+    }
+    const auto active_is = [&](int count) {
+        return registry->text().find("controller_runtime_active_workers{controller=\"test\"} " +
+                                     std::to_string(count) + "\n") != std::string::npos;
+    };
+
+    auto report = f.run(reconciler, [&]() -> awaitable<void> {
+        co_await settle();
+        CHECK(active_is(3));
+        // One worker goes on to the fourth key at once; the other two find no work.
+        f.clock.advance(10s);
+        co_await wait_until([&] { return f.state->finished_count() == 3; }, "first three reconciles");
+        co_await settle();
+        CHECK(active_is(1));
+        f.clock.advance(10s);
+        co_await wait_until([&] { return f.state->finished_count() == 4; }, "fourth reconcile");
+        co_await settle();
+    }());
+
+    CHECK(active_is(0));
+    CHECK(report.pending.empty());
+}
+
 TEST_CASE("requeued key frees its slot", "[reconcile]")
 {
     fixture f;

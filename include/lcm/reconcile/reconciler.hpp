@@ -337,6 +337,8 @@ private:
         time_point next_started{};
         for (;;) {
             std::optional<lease_type> item = next;
+            // A worker that leased this key at its last finish is still counted as active.
+            const bool still_active = item.has_value();
             time_point started = next_started;
             next.reset();
             if (!item) {
@@ -355,7 +357,7 @@ private:
                 }
             }
 
-            begin_attempt(self, *item, started);
+            begin_attempt(self, *item, started, still_active);
             action outcome = action::done();
             std::exception_ptr failure;
             const char* stage = "read_spec";
@@ -390,6 +392,9 @@ private:
             const bool lease_next = since_yield + 1 < yield_interval;
             auto gave_up = finish_attempt(*item, outcome, started, finished, lease_next ? &next : nullptr);
             next_started = finished;
+            if (!next) {
+                metrics_.active_workers->add(-1);
+            }
             if (gave_up) {
                 co_await run_terminal_hook(gave_up->first, gave_up->second);
             }
@@ -401,10 +406,14 @@ private:
         }
     }
 
-    void begin_attempt(worker& self, const lease_type& item, time_point now)
+    // The active-workers gauge changes only when a worker starts or stops working through keys,
+    // not between two keys it handles back to back, which saves two atomic updates per key.
+    void begin_attempt(worker& self, const lease_type& item, time_point now, bool still_active)
     {
         metrics_.queue_duration->observe(to_seconds(item.queue_time()));
-        metrics_.active_workers->add(1);
+        if (!still_active) {
+            metrics_.active_workers->add(1);
+        }
         self.busy = true;
         self.timed_out = false;
         self.cancelled_by_stop = false;
@@ -453,7 +462,6 @@ private:
                        const char* stage)
     {
         self.busy = false;
-        metrics_.active_workers->add(-1);
 
         const bool failed = failure || outcome.type() == action::kind::retry ||
                             outcome.type() == action::kind::terminal_error;

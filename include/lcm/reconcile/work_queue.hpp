@@ -278,7 +278,8 @@ private:
         time_point first_failure{};
         // Breaks ties between equal due times in request order, which keeps promotion fair.
         std::uint64_t sequence = 0;
-        std::size_t heap_index = 0;
+        // A pool handle is 32 bits wide, so the heap never holds more entries than this counts.
+        std::uint32_t heap_index = 0;
         std::uint32_t failures = 0;
         // `hash_key(key)` and the entry's own pool handle: together its slot in the index.
         const std::uint32_t hash;
@@ -444,7 +445,7 @@ private:
         state.current = entry::state::delayed;
         state.due = due;
         state.sequence = next_sequence_++;
-        state.heap_index = delayed_.size();
+        state.heap_index = static_cast<std::uint32_t>(delayed_.size());
         delayed_.push_back(&node);
         sift_up(state.heap_index);
     }
@@ -480,7 +481,7 @@ private:
     void heap_place(std::size_t index, entry* node) noexcept
     {
         delayed_[index] = node;
-        node->heap_index = index;
+        node->heap_index = static_cast<std::uint32_t>(index);
     }
 
     void sift_up(std::size_t index) noexcept
