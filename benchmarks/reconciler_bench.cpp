@@ -203,8 +203,8 @@ int main(int argc, char** argv)
         return 2;
     }
 
-    // Without `--run`, every figure is the median of several runs, because a virtual machine that
-    // shares its host sees bursts of interference lasting a second or two.
+    // Without `--run`, every figure is the median of several runs: on a virtual machine that shares
+    // its host, other tenants slow single runs down for a second or two at a time.
     const int repetitions = run_plain ? 5 : 1;
     const memory_sample at_start = sample_memory();
     double plain_seconds = 0.0;
