@@ -20,6 +20,10 @@ class LcmConan(ConanFile):
 
     def requirements(self):
         self.requires("boost/1.81.0", transitive_headers=True)
+        # The adapters' headers include these libraries' headers, so consumers see them too.
+        self.requires("openssl/[>=3 <4]", transitive_headers=True)
+        self.requires("sqlite3/[>=3.40 <4]", transitive_headers=True)
+        self.requires("libpq/[>=15 <17]", transitive_headers=True)
 
     def layout(self):
         cmake_layout(self, src_folder="..")
@@ -39,8 +43,19 @@ class LcmConan(ConanFile):
         self.cpp_info.bindirs = []
         self.cpp_info.libdirs = []
         self.cpp_info.set_property("cmake_file_name", "lcm")
-        self.cpp_info.set_property("cmake_target_name", "lcm::lcm")
-        self.cpp_info.requires = ["boost::headers", "boost::json", "boost::url"]
+        # One component per CMake target of the project, so that a consumer links what it uses.
+        components = (
+            ("core", "lcm::lcm", ["boost::headers", "boost::json", "boost::url"]),
+            ("transport", "lcm::transport", ["core", "openssl::ssl", "openssl::crypto"]),
+            ("sqlite", "lcm::sqlite", ["core", "sqlite3::sqlite3"]),
+            ("postgres", "lcm::postgres", ["core", "libpq::libpq"]),
+        )
+        for name, target, requires in components:
+            component = self.cpp_info.components[name]
+            component.set_property("cmake_target_name", target)
+            component.bindirs = []
+            component.libdirs = []
+            component.requires = requires
 
     def package_id(self):
         self.info.clear()
