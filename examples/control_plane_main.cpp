@@ -3,15 +3,18 @@
 #include "program_support.hpp"
 
 #include <lcm/application/control_plane.hpp>
-#include <lcm/application/event_sink.hpp>
+#include <lcm/application/logging_event_sink.hpp>
+#include <lcm/metrics.hpp>
 #include <lcm/storage/memory_repository.hpp>
 #include <lcm/transport/control_plane_api.hpp>
+#include <lcm/transport/http_metrics.hpp>
 #include <lcm/transport/http_server.hpp>
 
 #include <boost/asio/io_context.hpp>
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace {
@@ -95,10 +98,14 @@ int run(int argc, char** argv)
     api_options.max_change_wait = read_positive_milliseconds(values, "max-change-wait");
     api_options.default_change_wait = std::min(api_options.default_change_wait, api_options.max_change_wait);
 
+    // GET /metrics serves the request metrics of every route and the count of domain events.
+    const auto registry = std::make_shared<metrics::prometheus_registry>();
+    api_options.on_request = transport::make_request_metrics_observer(registry);
+    api_options.metrics_text = [registry] { return registry->text(); };
+
     storage::memory_repository repository;
-    // NOTE: events are dropped; the worker records keep the license state, and the
-    // command handlers log every accepted request and every outcome.
-    application::null_event_sink sink;
+    // Every domain event becomes one log line, which gives operators each worker's timeline.
+    application::logging_event_sink sink(log, registry);
     application::control_plane plane(repository, sink, log);
     transport::control_plane_api api(plane, std::move(api_options), log);
     boost::asio::io_context context;

@@ -157,16 +157,23 @@ inline void listen_or_throw(transport::http_server& server, const std::string& l
     }
 }
 
-/// Runs `server` on `context` until SIGINT or SIGTERM, then stops it gracefully and returns
-/// once every connection has closed. Prints `listening on <url>` as the first line of
-/// stdout, so a caller that asked for port 0 can read the bound port.
-template <class Server>
-void serve_until_signal(boost::asio::io_context& context, Server& server, std::string_view scheme, const logger& log)
+/// Prints `listening on <scheme>://ADDRESS:PORT` with the server's bound address to stdout
+/// and flushes it, so a caller that asked for port 0 can read the port.
+inline void print_listening(const transport::http_server& server, std::string_view scheme)
 {
     const auto endpoint = server.local_endpoint();
     const auto address = endpoint.address();
     const auto host = address.is_v6() ? "[" + address.to_string() + "]" : address.to_string();
     std::cout << "listening on " << scheme << "://" << host << ":" << endpoint.port() << std::endl;
+}
+
+/// Runs `server` on `context` until SIGINT or SIGTERM, then stops it gracefully and returns
+/// once every connection has closed. Prints `listening on <url>` as the first line of
+/// stdout.
+template <class Server>
+void serve_until_signal(boost::asio::io_context& context, Server& server, std::string_view scheme, const logger& log)
+{
+    print_listening(server, scheme);
 
     boost::asio::signal_set signals(context, SIGINT, SIGTERM);
     signals.async_wait([&](const boost::system::error_code& error, int signal_number) {

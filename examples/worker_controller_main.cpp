@@ -3,16 +3,22 @@
 #include "program_support.hpp"
 
 #include <lcm/controller/license_reconciler.hpp>
+#include <lcm/metrics.hpp>
 #include <lcm/transport/cml_http_client.hpp>
 #include <lcm/transport/control_plane_http_client.hpp>
+#include <lcm/transport/http_metrics.hpp>
+#include <lcm/transport/http_server.hpp>
+#include <lcm/transport/router.hpp>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/json/object.hpp>
 #include <boost/url/parse.hpp>
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +59,9 @@ po::options_description make_flags()
         ("resync-period", po::value<std::int64_t>()->default_value(600),
          "seconds between two full listings of pending operations")
         ("threads", po::value<std::size_t>()->default_value(1), "number of I/O threads")
+        ("metrics-listen", po::value<std::string>()->default_value("127.0.0.1:8081"),
+         "ADDRESS:PORT of the server of GET /metrics and GET /health; port 0 picks a free port. "
+         "The first line of stdout is 'listening on http://ADDRESS:PORT'")
         ("log-level", po::value<std::string>()->default_value("info"),
          "trace, debug, info, warning, error or off; logs go to stderr");
     // clang-format on
@@ -71,6 +80,30 @@ std::int64_t read_positive(const po::variables_map& values, const char* flag)
 std::string optional_flag(const po::variables_map& values, const char* flag)
 {
     return values.count(flag) ? values[flag].as<std::string>() : std::string();
+}
+
+/// Builds the routes of the metrics server: `GET /health` and `GET /metrics` with the
+/// reconciler's metrics and the server's own request metrics.
+transport::router make_metrics_routes(const std::shared_ptr<metrics::prometheus_registry>& registry)
+{
+    using transport::http_response;
+    using transport::request_context;
+    namespace http = transport::http;
+
+    transport::router routes;
+    routes.add(http::verb::get, "/health", [](request_context&) -> boost::asio::awaitable<http_response> {
+        boost::json::object body{{"status", "ok"}};
+        co_return transport::make_json_response(http::status::ok, body);
+    });
+    routes.add(http::verb::get, "/metrics", [registry](request_context&) -> boost::asio::awaitable<http_response> {
+        http_response response{http::status::ok, 11};
+        response.set(http::field::content_type, metrics::prometheus_registry::content_type);
+        response.body() = registry->text();
+        response.prepare_payload();
+        co_return response;
+    });
+    routes.set_observer(transport::make_request_metrics_observer(registry));
+    return routes;
 }
 
 /// Reads `--control-plane` into the client's host and port.
@@ -117,11 +150,24 @@ int run(int argc, char** argv)
     options.reconciler.max_concurrent_reconciles = values["concurrency"].as<std::size_t>();
     options.reconciler.resync_period = std::chrono::seconds(read_positive(values, "resync-period"));
     options.reconciler.log = log;
+    const auto registry = std::make_shared<metrics::prometheus_registry>();
+    options.reconciler.metrics = registry;
+
+    transport::http_server_options metrics_server_options;
+    const auto metrics_listen = values["metrics-listen"].as<std::string>();
+    set_listen_address(metrics_listen, metrics_server_options);
 
     boost::asio::io_context context(static_cast<int>(thread_count));
     transport::control_plane_http_client control_plane(context.get_executor(), control_plane_options, log);
     transport::cml_http_client cml(context.get_executor(), cml_options, log);
     controller::license_controller controller(context.get_executor(), cml, control_plane, options);
+    const auto metrics_routes = make_metrics_routes(registry);
+    auto metrics_handler = [&metrics_routes](transport::http_request request) {
+        return metrics_routes.dispatch(std::move(request));
+    };
+    transport::http_server metrics_server(context.get_executor(), metrics_server_options, metrics_handler, log);
+    listen_or_throw(metrics_server, metrics_listen);
+    print_listening(metrics_server, "http");
 
     boost::asio::signal_set signals(context, SIGINT, SIGTERM);
     signals.async_wait([&](const boost::system::error_code& error, int signal_number) {
@@ -133,14 +179,20 @@ int run(int argc, char** argv)
     });
 
     log.info("worker-controller starting", {{"control_plane", values["control-plane"].as<std::string>()},
-                                            {"concurrency", std::to_string(options.reconciler.max_concurrent_reconciles)}});
+                                            {"concurrency", std::to_string(options.reconciler.max_concurrent_reconciles)},
+                                            {"metrics_listen", metrics_listen}});
     std::exception_ptr failure;
+    std::exception_ptr metrics_failure;
     std::size_t left_pending = 0;
+    boost::asio::co_spawn(context, metrics_server.run(),
+                          [&](std::exception_ptr error) { metrics_failure = error; });
+    // The metrics server stops with the controller, so /metrics responds until the last reconcile ended.
     boost::asio::co_spawn(context, controller.run(),
                           [&](std::exception_ptr error, reconcile::stop_report<std::string> report) {
                               failure = error;
                               left_pending = report.pending.size();
                               signals.cancel();
+                              metrics_server.stop();
                           });
     std::vector<std::thread> helpers;
     for (std::size_t i = 1; i < thread_count; ++i) {
@@ -152,6 +204,9 @@ int run(int argc, char** argv)
     }
     if (failure) {
         std::rethrow_exception(failure);
+    }
+    if (metrics_failure) {
+        std::rethrow_exception(metrics_failure);
     }
     // Operations left pending stay recorded in the control plane; the next controller takes them.
     log.info("worker-controller stopped", {{"left_pending", std::to_string(left_pending)}});

@@ -1,21 +1,25 @@
 // Starts a program as a child process with its stdout and stderr on pipes, for tests of
-// the example programs. POSIX only: fork, execve, poll and waitpid.
+// the example programs. Linux only: fork, execve, poll, waitpid and prctl.
 #pragma once
 
 #include <catch2/catch.hpp>
 
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstring>
 #include <initializer_list>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,8 +27,9 @@ extern char** environ;
 
 namespace lcm::test {
 
-/// A running child process. Its output is collected while a test reads lines or waits for
-/// the exit. The destructor kills a child that is still running.
+/// A running child process. A thread reads its stdout and stderr as they arrive, so a
+/// child that logs a lot never blocks on a full pipe. The destructor kills a child that is
+/// still running.
 class child_process {
 public:
     /// Starts `program` with `arguments`, the test's environment and `environment` on top
@@ -57,9 +62,16 @@ public:
         }
         envp.push_back(nullptr);
 
+        const pid_t parent = ::getpid();
         pid_ = ::fork();
         REQUIRE(pid_ >= 0);
         if (pid_ == 0) {
+            // The child gets SIGKILL when the forking thread ends, so a test that crashes
+            // leaves no program running. The check covers a parent that ended before prctl.
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (::getppid() != parent) {
+                ::_exit(127);
+            }
             ::dup2(out_pipe[1], STDOUT_FILENO);
             ::dup2(err_pipe[1], STDERR_FILENO);
             ::execve(program.c_str(), argv.data(), envp.data());
@@ -67,8 +79,7 @@ public:
         }
         ::close(out_pipe[1]);
         ::close(err_pipe[1]);
-        out_fd_ = out_pipe[0];
-        err_fd_ = err_pipe[0];
+        reader_ = std::thread([this, out = out_pipe[0], err = err_pipe[0]] { read_output(out, err); });
     }
 
     child_process(const child_process&) = delete;
@@ -81,22 +92,21 @@ public:
             int status = 0;
             ::waitpid(pid_, &status, 0);
         }
-        close_pipes();
+        // The pipes close when the child is gone, which ends the reader.
+        reader_.join();
     }
 
     /// Returns the first line of stdout without its newline, or nothing when the child
     /// closed stdout or `timeout` passed first.
     std::optional<std::string> read_first_line(std::chrono::milliseconds timeout)
     {
-        const auto deadline = std::chrono::steady_clock::now() + timeout;
-        for (;;) {
-            if (const auto end = stdout_.find('\n'); end != std::string::npos) {
-                return stdout_.substr(0, end);
-            }
-            if (out_fd_ < 0 || !pump(deadline)) {
-                return std::nullopt;
-            }
+        std::unique_lock lock(mutex_);
+        output_changed_.wait_for(lock, timeout,
+                                 [this] { return stdout_.find('\n') != std::string::npos || !stdout_open_; });
+        if (const auto end = stdout_.find('\n'); end != std::string::npos) {
+            return stdout_.substr(0, end);
         }
+        return std::nullopt;
     }
 
     void send_signal(int signal_number) { ::kill(pid_, signal_number); }
@@ -106,8 +116,9 @@ public:
     std::optional<int> wait_for_exit(std::chrono::milliseconds timeout)
     {
         const auto deadline = std::chrono::steady_clock::now() + timeout;
-        while (out_fd_ >= 0 || err_fd_ >= 0) {
-            if (!pump(deadline)) {
+        {
+            std::unique_lock lock(mutex_);
+            if (!output_changed_.wait_until(lock, deadline, [this] { return !stdout_open_ && !stderr_open_; })) {
                 return std::nullopt;
             }
         }
@@ -128,65 +139,69 @@ public:
     }
 
     /// Everything the child wrote to stdout so far.
-    const std::string& standard_output() const noexcept { return stdout_; }
-
-    /// Everything the child wrote to stderr so far.
-    const std::string& standard_error() const noexcept { return stderr_; }
-
-private:
-    /// Reads what is available from the open pipes, waiting until `deadline`. Returns false
-    /// when the deadline passed with nothing to read.
-    bool pump(std::chrono::steady_clock::time_point deadline)
+    std::string standard_output() const
     {
-        std::vector<pollfd> fds;
-        if (out_fd_ >= 0) {
-            fds.push_back({out_fd_, POLLIN, 0});
-        }
-        if (err_fd_ >= 0) {
-            fds.push_back({err_fd_, POLLIN, 0});
-        }
-        const auto remaining =
-            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-        if (remaining.count() <= 0) {
-            return false;
-        }
-        const int ready = ::poll(fds.data(), fds.size(), static_cast<int>(remaining.count()));
-        if (ready <= 0) {
-            return ready < 0 && errno == EINTR;
-        }
-        for (const auto& entry : fds) {
-            if (entry.revents == 0) {
-                continue;
-            }
-            const bool is_out = entry.fd == out_fd_;
-            char buffer[4096];
-            const auto received = ::read(entry.fd, buffer, sizeof buffer);
-            if (received <= 0) {
-                ::close(entry.fd);
-                (is_out ? out_fd_ : err_fd_) = -1;
-                continue;
-            }
-            (is_out ? stdout_ : stderr_).append(buffer, static_cast<std::size_t>(received));
-        }
-        return true;
+        std::lock_guard lock(mutex_);
+        return stdout_;
     }
 
-    void close_pipes()
+    /// Everything the child wrote to stderr so far.
+    std::string standard_error() const
     {
-        for (int* fd : {&out_fd_, &err_fd_}) {
-            if (*fd >= 0) {
-                ::close(*fd);
-                *fd = -1;
+        std::lock_guard lock(mutex_);
+        return stderr_;
+    }
+
+private:
+    /// Appends what arrives on the pipes to the buffers until the child closed both, then
+    /// closes them. Runs on the reader thread.
+    void read_output(int out_fd, int err_fd)
+    {
+        while (out_fd >= 0 || err_fd >= 0) {
+            pollfd fds[2] = {{out_fd, POLLIN, 0}, {err_fd, POLLIN, 0}};
+            if (::poll(fds, 2, -1) < 0) {
+                if (errno == EINTR) {
+                    continue;
+                }
+                break;
+            }
+            for (auto& entry : fds) {
+                if (entry.fd < 0 || entry.revents == 0) {
+                    continue;
+                }
+                const bool is_out = entry.fd == out_fd;
+                char buffer[4096];
+                const auto received = ::read(entry.fd, buffer, sizeof buffer);
+                if (received < 0 && errno == EINTR) {
+                    continue;
+                }
+                std::lock_guard lock(mutex_);
+                if (received <= 0) {
+                    ::close(entry.fd);
+                    (is_out ? out_fd : err_fd) = -1;
+                    (is_out ? stdout_open_ : stderr_open_) = false;
+                }
+                else {
+                    (is_out ? stdout_ : stderr_).append(buffer, static_cast<std::size_t>(received));
+                }
+                output_changed_.notify_all();
             }
         }
+        std::lock_guard lock(mutex_);
+        stdout_open_ = false;
+        stderr_open_ = false;
+        output_changed_.notify_all();
     }
 
     pid_t pid_ = -1;
-    int out_fd_ = -1;
-    int err_fd_ = -1;
+    std::optional<int> exit_status_;
+    mutable std::mutex mutex_;
+    std::condition_variable output_changed_;
     std::string stdout_;
     std::string stderr_;
-    std::optional<int> exit_status_;
+    bool stdout_open_ = true;
+    bool stderr_open_ = true;
+    std::thread reader_;
 };
 
 } // namespace lcm::test

@@ -1,10 +1,10 @@
 // lcm-fake-cml and lcm-control-plane as child processes on 127.0.0.1: the bound address on
-// the first line of stdout, a few requests, a clean exit on SIGTERM, --help, bad flags,
-// and no secret in their output.
-#if defined(LCM_FAKE_CML_PROGRAM) && defined(LCM_CONTROL_PLANE_PROGRAM)
+// the first line of stdout, a few requests, a clean exit on SIGTERM, --help and bad flags
+// of all three programs, and no secret in their output.
+#if defined(LCM_FAKE_CML_PROGRAM) && defined(LCM_CONTROL_PLANE_PROGRAM) && defined(LCM_WORKER_CONTROLLER_PROGRAM)
 
-#include "child_process.hpp"
 #include "cml_http_test_support.hpp"
+#include "program_test_support.hpp"
 #include "tls_test_support.hpp"
 
 #include <catch2/catch.hpp>
@@ -13,9 +13,6 @@
 
 #include <chrono>
 #include <csignal>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,72 +21,6 @@ using namespace lcm;
 using namespace lcm::test;
 
 namespace {
-
-constexpr auto start_timeout = std::chrono::seconds(10);
-constexpr auto exit_timeout = std::chrono::seconds(10);
-
-/// A temporary directory with secret files, deleted by the destructor.
-class secret_files {
-public:
-    secret_files()
-    {
-        std::string pattern = (std::filesystem::temp_directory_path() / "lcm-programs-XXXXXX").string();
-        REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-        directory_ = pattern;
-    }
-
-    secret_files(const secret_files&) = delete;
-    secret_files& operator=(const secret_files&) = delete;
-
-    ~secret_files()
-    {
-        std::error_code ignored;
-        std::filesystem::remove_all(directory_, ignored);
-    }
-
-    /// Writes `content` to a new file and returns its path.
-    std::string write(const std::string& name, const std::string& content)
-    {
-        const auto path = directory_ / name;
-        std::ofstream(path) << content;
-        return path.string();
-    }
-
-private:
-    std::filesystem::path directory_;
-};
-
-/// Reads `listening on <url>` from the first line and returns the port.
-unsigned short read_port(child_process& child)
-{
-    auto line = child.read_first_line(start_timeout);
-    INFO("stderr: " << child.standard_error());
-    REQUIRE(line);
-    INFO("first line: " << *line);
-    REQUIRE(line->starts_with("listening on http://127.0.0.1:"));
-    auto url = boost::urls::parse_absolute_uri(line->substr(std::string_view("listening on ").size()));
-    REQUIRE(url);
-    return url->port_number();
-}
-
-/// Sends SIGTERM and checks that the program exits with 0.
-void stop_cleanly(child_process& child)
-{
-    child.send_signal(SIGTERM);
-    const auto status = child.wait_for_exit(exit_timeout);
-    INFO("stderr: " << child.standard_error());
-    REQUIRE(status);
-    CHECK(*status == 0);
-}
-
-void check_output_free_of(const child_process& child, const std::vector<std::string>& secrets)
-{
-    const auto output = child.standard_output() + child.standard_error();
-    for (const auto& value : secrets) {
-        INFO("secret: " << value);
-        CHECK(output.find(value) == std::string::npos);
-    }
-}
 
 http_request make_admin_request(http::verb method, std::string target, std::string body = {})
 {
@@ -212,20 +143,27 @@ TEST_CASE("control plane program serves api", "[integration]")
 
 TEST_CASE("programs print help", "[integration]")
 {
-    for (const auto* program : {LCM_FAKE_CML_PROGRAM, LCM_CONTROL_PLANE_PROGRAM}) {
+    struct help_case {
+        const char* program;
+        const char* listen_flag;
+    };
+    const help_case cases[] = {{LCM_FAKE_CML_PROGRAM, "--listen"},
+                               {LCM_CONTROL_PLANE_PROGRAM, "--listen"},
+                               {LCM_WORKER_CONTROLLER_PROGRAM, "--metrics-listen"}};
+    for (const auto& [program, listen_flag] : cases) {
         INFO(program);
         child_process child(program, {"--help"});
         const auto status = child.wait_for_exit(exit_timeout);
         REQUIRE(status);
         CHECK(*status == 0);
-        CHECK(child.standard_output().find("--listen") != std::string::npos);
+        CHECK(child.standard_output().find(listen_flag) != std::string::npos);
         CHECK(child.standard_output().find("--log-level") != std::string::npos);
     }
 }
 
 TEST_CASE("programs reject bad flags", "[integration]")
 {
-    for (const auto* program : {LCM_FAKE_CML_PROGRAM, LCM_CONTROL_PLANE_PROGRAM}) {
+    for (const auto* program : {LCM_FAKE_CML_PROGRAM, LCM_CONTROL_PLANE_PROGRAM, LCM_WORKER_CONTROLLER_PROGRAM}) {
         INFO(program);
         child_process child(program, {"--no-such-flag"});
         const auto status = child.wait_for_exit(exit_timeout);

@@ -1,0 +1,90 @@
+// Helpers of the tests that run the example programs as child processes: secret files,
+// the bound port from the first line of stdout, a clean stop and a check for secrets.
+#pragma once
+
+#include "child_process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <boost/url/parse.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+namespace lcm::test {
+
+inline constexpr auto start_timeout = std::chrono::seconds(10);
+inline constexpr auto exit_timeout = std::chrono::seconds(10);
+
+/// A temporary directory with secret files, deleted by the destructor.
+class secret_files {
+public:
+    secret_files()
+    {
+        std::string pattern = (std::filesystem::temp_directory_path() / "lcm-programs-XXXXXX").string();
+        REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+        directory_ = pattern;
+    }
+
+    secret_files(const secret_files&) = delete;
+    secret_files& operator=(const secret_files&) = delete;
+
+    ~secret_files()
+    {
+        std::error_code ignored;
+        std::filesystem::remove_all(directory_, ignored);
+    }
+
+    /// Writes `content` to a new file and returns its path.
+    std::string write(const std::string& name, const std::string& content)
+    {
+        const auto path = directory_ / name;
+        std::ofstream(path) << content;
+        return path.string();
+    }
+
+private:
+    std::filesystem::path directory_;
+};
+
+/// Reads `listening on <url>` from the first line and returns the port.
+inline unsigned short read_port(child_process& child)
+{
+    auto line = child.read_first_line(start_timeout);
+    INFO("stderr: " << child.standard_error());
+    REQUIRE(line);
+    INFO("first line: " << *line);
+    REQUIRE(line->starts_with("listening on http://127.0.0.1:"));
+    auto url = boost::urls::parse_absolute_uri(line->substr(std::string_view("listening on ").size()));
+    REQUIRE(url);
+    return url->port_number();
+}
+
+/// Sends SIGTERM and checks that the program exits with 0.
+inline void stop_cleanly(child_process& child)
+{
+    child.send_signal(SIGTERM);
+    const auto status = child.wait_for_exit(exit_timeout);
+    INFO("stderr: " << child.standard_error());
+    REQUIRE(status);
+    CHECK(*status == 0);
+}
+
+/// Checks that no value of `secrets` appears in the child's stdout or stderr.
+inline void check_output_free_of(const child_process& child, const std::vector<std::string>& secrets)
+{
+    const auto output = child.standard_output() + child.standard_error();
+    for (const auto& value : secrets) {
+        INFO("secret: " << value);
+        CHECK(output.find(value) == std::string::npos);
+    }
+}
+
+} // namespace lcm::test
