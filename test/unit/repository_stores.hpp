@@ -15,11 +15,13 @@
 #include <libpq-fe.h>
 #endif
 
+#include <boost/asio/awaitable.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
@@ -77,6 +79,40 @@ inline std::string unique_name(std::string_view prefix)
     return std::string(prefix) + std::to_string(::getpid()) + "_" + std::to_string(counter++) + "_" +
            std::to_string(entropy() % 1'000'000);
 }
+
+/// Returns a new running worker with the given id.
+inline lcm::domain::cml_worker make_worker(std::string id)
+{
+    return lcm::domain::cml_worker::create(std::move(id), "lab", "https://cml.example.test",
+                                           lcm::domain::worker_status::running, "admin")
+        .value();
+}
+
+// g++ 12 pairs the aligned_alloc of Asio's coroutine frame allocator with the frame's sized
+// operator delete when it inlines this coroutine, and warns although both belong to Asio.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
+/// Renames the worker `id` and saves it with the version it read.
+template <class Repository>
+boost::asio::awaitable<lcm::result<std::uint64_t>> rename(Repository& repository, std::string id, std::string name)
+{
+    auto loaded = co_await repository.get(id);
+    if (!loaded) {
+        co_return loaded.error();
+    }
+    auto fields = loaded.value().state();
+    fields.name = std::move(name);
+    auto changed = lcm::domain::cml_worker::restore(std::move(fields)).value();
+    auto saved = co_await repository.update(changed);
+    co_return saved;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 /// A temporary directory, removed with its content on destruction.
 class temporary_directory {
@@ -184,6 +220,7 @@ public:
         if (PQstatus(connection_) != CONNECTION_OK) {
             throw std::runtime_error("test connection to PostgreSQL failed");
         }
+        PQsetNoticeProcessor(connection_, [](void*, const char*) {}, nullptr);
     }
 
     postgres_admin(const postgres_admin&) = delete;

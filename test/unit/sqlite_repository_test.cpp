@@ -29,15 +29,10 @@ using lcm::domain::cml_worker;
 using lcm::storage::sqlite_options;
 using lcm::storage::sqlite_repository;
 using lcm::test::captured_log;
+using lcm::test::make_worker;
+using lcm::test::rename;
 using lcm::test::temporary_directory;
 using boost::asio::awaitable;
-
-cml_worker make_worker(std::string id)
-{
-    return cml_worker::create(std::move(id), "lab", "https://cml.example.test", lcm::domain::worker_status::running,
-                              "admin")
-        .value();
-}
 
 sqlite_options options_in(const temporary_directory& directory)
 {
@@ -99,21 +94,6 @@ public:
 private:
     sqlite3* db_ = nullptr;
 };
-
-/// Renames the worker `id` and saves it with the version it read.
-template <class Repository>
-awaitable<lcm::result<std::uint64_t>> rename(Repository& repository, std::string id, std::string name)
-{
-    auto loaded = co_await repository.get(id);
-    if (!loaded) {
-        co_return loaded.error();
-    }
-    auto fields = loaded.value().state();
-    fields.name = std::move(name);
-    auto changed = cml_worker::restore(std::move(fields)).value();
-    auto saved = co_await repository.update(changed);
-    co_return saved;
-}
 
 } // namespace
 

@@ -62,7 +62,7 @@ public:
     /// Opens or creates the database file, applies missing migrations and returns the
     /// repository. Fails with `errc::invalid_argument` when the file's schema is newer than
     /// `schema_version` or the file is not an SQLite database, and with `errc::unavailable`
-    /// when it cannot be opened; the log says which. Awaits the setup on the repository's
+    /// when it cannot be opened; the log names the cause. Awaits the setup on the repository's
     /// pool; cancellable like every operation.
     static boost::asio::awaitable<result<std::unique_ptr<sqlite_repository>>> open(sqlite_options options,
                                                                                  logger log = {})
