@@ -16,6 +16,14 @@
 
 #include "bench_support.hpp"
 
+// Under `valgrind --tool=callgrind --instr-atstart=no` only the measured phase is counted.
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#else
+#define CALLGRIND_START_INSTRUMENTATION
+#define CALLGRIND_STOP_INSTRUMENTATION
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -130,7 +138,9 @@ run_result run_once(std::size_t worker_count, std::size_t concurrency)
 
     const auto started = std::chrono::steady_clock::now();
     asio::co_spawn(context, controller.run(), asio::detached);
+    CALLGRIND_START_INSTRUMENTATION;
     context.run();
+    CALLGRIND_STOP_INSTRUMENTATION;
     result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
     result.completed = counter.completed.load();

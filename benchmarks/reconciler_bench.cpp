@@ -1,5 +1,9 @@
 // Measures the reconciler's cost per key against a plain loop that awaits the same coroutines, and
 // prints one JSON object. Run it on an otherwise idle machine; see docs/benchmarks.md.
+//
+// Usage: lcm-bench-reconciler [--run plain | --run CONCURRENCY,THREADS,METRICS,WINDOW]
+// Without arguments it runs the plain loop and every configuration. `--run` runs only the plain
+// loop or one configuration (METRICS is 0 or 1), for profilers such as callgrind.
 #include <lcm/metrics.hpp>
 #include <lcm/reconcile/reconciler.hpp>
 
@@ -18,6 +22,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <memory>
@@ -150,25 +155,58 @@ run_result run_reconciler(std::size_t concurrency, int threads, bool with_metric
     return result;
 }
 
+struct configuration {
+    std::size_t concurrency;
+    int threads;
+    bool metrics;
+    std::size_t window;
+};
+
+// Parses "CONCURRENCY,THREADS,METRICS,WINDOW", such as "16,1,1,1000000".
+std::optional<configuration> parse_configuration(const char* text)
+{
+    unsigned long long concurrency = 0;
+    int threads = 0;
+    int metrics = 0;
+    unsigned long long window = 0;
+    char end = 0;
+    if (std::sscanf(text, "%llu,%d,%d,%llu%c", &concurrency, &threads, &metrics, &window, &end) != 4 ||
+        concurrency == 0 || threads < 1 || (metrics != 0 && metrics != 1) || window == 0) {
+        return std::nullopt;
+    }
+    return configuration{concurrency, threads, metrics == 1, window};
+}
+
 } // namespace
 
-int main()
+int main(int argc, char** argv)
 {
-    const memory_sample at_start = sample_memory();
-    const double plain_seconds = plain_loop_seconds();
-    const double plain_ns = plain_seconds * 1e9 / key_count;
-
-    boost::json::array runs;
-    struct configuration {
-        std::size_t concurrency;
-        int threads;
-        bool metrics;
-        std::size_t window;
-    };
-    const configuration configurations[] = {
+    std::vector<configuration> configurations = {
         {1, 1, true, key_count},  {16, 1, true, key_count}, {256, 1, true, key_count}, {1, 2, true, key_count},
         {16, 2, true, key_count}, {256, 2, true, key_count}, {16, 1, false, key_count}, {16, 1, true, 1000},
         {16, 2, true, 1000}};
+    bool run_plain = true;
+    if (argc == 3 && std::strcmp(argv[1], "--run") == 0) {
+        if (std::strcmp(argv[2], "plain") == 0) {
+            configurations.clear();
+        } else if (auto selected = parse_configuration(argv[2])) {
+            configurations = {*selected};
+            run_plain = false;
+        } else {
+            std::fprintf(stderr, "invalid configuration '%s': expected CONCURRENCY,THREADS,METRICS,WINDOW "
+                                 "with METRICS 0 or 1, such as 16,1,1,1000000\n", argv[2]);
+            return 2;
+        }
+    } else if (argc != 1) {
+        std::fprintf(stderr, "usage: %s [--run plain | --run CONCURRENCY,THREADS,METRICS,WINDOW]\n", argv[0]);
+        return 2;
+    }
+
+    const memory_sample at_start = sample_memory();
+    const double plain_seconds = run_plain ? plain_loop_seconds() : 0.0;
+    const double plain_ns = plain_seconds * 1e9 / key_count;
+
+    boost::json::array runs;
     std::size_t peak_rss = 0;
     for (const auto& config : configurations) {
         const run_result result = run_reconciler(config.concurrency, config.threads, config.metrics, config.window);
@@ -185,22 +223,26 @@ int main()
             {"enqueue_seconds", result.enqueue_seconds},
             {"reconciles_per_second", key_count / result.total_seconds},
             {"ns_per_key", ns_per_key},
-            {"overhead_ns_per_key", ns_per_key - plain_ns},
-            {"ratio_to_plain_loop", ns_per_key / plain_ns},
+            {"overhead_ns_per_key", run_plain ? boost::json::value(ns_per_key - plain_ns) : nullptr},
+            {"ratio_to_plain_loop", run_plain ? boost::json::value(ns_per_key / plain_ns) : nullptr},
             {"heap_in_use_after_bytes", result.after.heap_in_use},
             {"rss_after_bytes", result.after.rss},
         });
     }
 
+    boost::json::value plain_loop = nullptr;
+    if (run_plain) {
+        plain_loop = boost::json::object{{"seconds", plain_seconds},
+                                         {"reconciles_per_second", key_count / plain_seconds},
+                                         {"ns_per_key", plain_ns}};
+    }
     const memory_sample at_end = sample_memory();
     malloc_trim(0);
     const memory_sample after_trim = sample_memory();
     boost::json::object output{
         {"keys", key_count},
         {"hardware_threads", std::thread::hardware_concurrency()},
-        {"plain_loop", boost::json::object{{"seconds", plain_seconds},
-                                           {"reconciles_per_second", key_count / plain_seconds},
-                                           {"ns_per_key", plain_ns}}},
+        {"plain_loop", std::move(plain_loop)},
         {"runs", std::move(runs)},
         {"memory",
          boost::json::object{{"heap_in_use_at_start_bytes", at_start.heap_in_use},

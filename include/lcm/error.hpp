@@ -28,7 +28,7 @@ enum class errc {
     not_registered,
     /// A start, completion or failure names an operation that is no longer the current one.
     stale_operation,
-    /// A completion names the current operation, but nobody has started it.
+    /// A completion names the current operation, which has not been started.
     operation_not_started,
     /// A conditional update found a newer version than the one it read.
     version_conflict,
@@ -48,7 +48,7 @@ enum class errc {
     timeout,
     /// The caller holds no valid claim (lease) on the operation.
     claim_lost,
-    /// A peer answered something that breaks its contract.
+    /// A peer sent a response that breaks its contract.
     protocol_error,
     /// The operation was cancelled, for example by a stop request.
     cancelled,
@@ -114,7 +114,7 @@ using result = boost::outcome_v2::result<T, boost::system::error_code>;
 /// `return success();` ends a function that returns `result<void>` without an error.
 using boost::outcome_v2::success;
 
-/// Maps an error to the HTTP status a server answers with. This is the only such mapping in lcm.
+/// Maps an error to the HTTP status a server responds with. This is the only such mapping in lcm.
 inline int http_status(const boost::system::error_code& error) noexcept
 {
     if (error.category() != error_category()) {

@@ -43,8 +43,8 @@ struct add_worker_request {
 struct control_plane_options {
     /// How many times a command tries to save, the first try included, before it returns
     /// `version_conflict`. Conflicts only happen when two writers touch one worker at the
-    /// same moment, so a handful of tries is enough; each costs one read and one conditional
-    /// write.
+    /// same moment, so a handful of tries is enough. Each try costs one read and one
+    /// conditional write.
     int max_attempts = 8;
 };
 
@@ -168,7 +168,7 @@ public:
         auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
             const auto& license = worker.license();
             // A finished operation keeps its kind in last_operation, so a repeated failure
-            // still reaches the aggregate and is answered idempotently there.
+            // still reaches the aggregate, which accepts it idempotently.
             const auto kind = license.operation_id() == operation_id && !license.has_pending_operation()
                                   ? license.last_operation()
                                   : license.pending_operation();

@@ -1,4 +1,4 @@
-// Where the application layer hands domain events after the worker that raised them was saved.
+// The event sink concept: the receiver of domain events once the worker that raised them is saved.
 #pragma once
 
 #include <lcm/domain/events.hpp>

@@ -286,6 +286,16 @@ inline result<cml_success> map_cml_status(cml_call call, int status) noexcept
     return make_error_code(errc::protocol_error);
 }
 
+/// Converts the success of a deregistration call into its outcome.
+inline cml_deregistration_outcome deregistration_outcome_of(cml_success success) noexcept
+{
+    switch (success) {
+    case cml_success::deregistered_locally: return cml_deregistration_outcome::deregistered_locally;
+    case cml_success::already_deregistered: return cml_deregistration_outcome::already_deregistered;
+    default: return cml_deregistration_outcome::deregistered;
+    }
+}
+
 /// Returns true when a CML call that failed with `error` may succeed if retried later
 /// unchanged: CML was busy (`operation_in_progress`), unreachable or not ready
 /// (`unavailable`), or slow (`timeout`). Errors of other categories come from the

@@ -1,4 +1,4 @@
-// What a worker-controller needs from the control plane, and an in-process implementation.
+// The control-plane calls a worker-controller makes, and an in-process implementation of them.
 #pragma once
 
 #include <lcm/application/control_plane.hpp>

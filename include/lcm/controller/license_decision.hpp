@@ -22,7 +22,7 @@ struct license_decision_options {
     std::chrono::seconds clock_skew{5};
 };
 
-/// What the reconciler does next for one task.
+/// The reconciler's next step for one task.
 enum class license_action {
     /// Nothing to do now: CML is still working; read its status again after the poll interval.
     wait,
@@ -53,6 +53,18 @@ inline license_decision fail_with(std::string code, std::string message)
 /// Returns whether CML's last registration attempt belongs to this task's operation: CML
 /// accepted it after the operation started. An unknown attempt time counts as this
 /// operation's, because posting twice is worse than waiting for the deadline.
+///
+/// NOTE: an older operation's attempt less than `clock_skew` before this start also counts
+/// as this operation's. When this operation's first POST never reached CML, it then fails
+/// (`registration_lost` or `registration_failed`) instead of posting.
+/// Returns whether CML stamped its last attempt at or after this task's start, so that its
+/// failure text can only quote this task's token, which the caller redacts.
+inline bool attempt_surely_ours(const license_task& task, const cml_licensing_status& status)
+{
+    return task.started && status.registration_attempted && task.started_at &&
+           *status.registration_attempted >= *task.started_at;
+}
+
 inline bool attempt_is_ours(const license_task& task, const cml_licensing_status& status,
                             const license_decision_options& options)
 {
@@ -74,7 +86,7 @@ inline std::optional<license_decision> decide_before_cml(const license_task& tas
 {
     if (task.worker_status != domain::worker_status::running) {
         return detail::fail_with("worker_not_running", "worker is " + std::string(to_string(task.worker_status)) +
-                                                           ", so its CML host was not called");
+                                                           ", so the license operation cannot go on");
     }
     if (task.requested_at && now - *task.requested_at > options.operation_deadline) {
         return detail::fail_with("timeout", "license operation did not finish within " +
@@ -95,7 +107,7 @@ inline license_decision decide_registration(const license_task& task, const cml_
     case cml_registration_status::in_progress:
     case cml_registration_status::retry_in_progress:
     case cml_registration_status::reservation_in_progress:
-        // Ours or not, CML answers 409 to a new request while one runs.
+        // Ours or not, CML rejects a new request with 409 while one runs.
         return {license_action::wait, {}, {}};
 
     case cml_registration_status::completed:
@@ -111,7 +123,12 @@ inline license_decision decide_registration(const license_task& task, const cml_
 
     case cml_registration_status::failed:
         if (ours) {
-            const auto reason = task.token ? status.registration_failure.redacted(*task.token) : std::string();
+            // CML's failure text quotes the token of the attempt it describes. Only text of
+            // this task's own attempt is shown, because an older attempt's token is unknown
+            // here and could not be redacted.
+            const auto reason = task.token && detail::attempt_surely_ours(task, status)
+                                    ? status.registration_failure.redacted(*task.token)
+                                    : std::string();
             return detail::fail_with("registration_failed",
                                      reason.empty() ? "CML reported the registration as FAILED"
                                                     : "CML reported the registration as FAILED: " + reason);
@@ -138,11 +155,11 @@ inline license_decision decide_deregistration(const license_task&, const cml_lic
     case cml_registration_status::in_progress:
     case cml_registration_status::retry_in_progress:
     case cml_registration_status::reservation_in_progress:
-        // CML answers 409 to a deregistration while a registration runs.
+        // CML rejects a deregistration with 409 while a registration runs.
         return {license_action::wait, {}, {}};
     default: break;
     }
-    // DELETE is safe to repeat: CML answers 400 when the host is already deregistered.
+    // DELETE is safe to repeat: CML returns 400 when the host is already deregistered.
     return {license_action::send_deregistration, {}, {}};
 }
 

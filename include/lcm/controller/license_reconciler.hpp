@@ -11,15 +11,20 @@
 #include <lcm/reconcile/reconciler.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json/value.hpp>
 
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <functional>
 #include <optional>
 #include <string>
@@ -33,16 +38,18 @@ struct license_reconciler_options {
     /// How long to wait before reading CML's licensing status again while a registration
     /// runs. CML's own Python client polls every 1.5 s.
     std::chrono::milliseconds poll_interval{1500};
-    /// The most pending operations one listing returns, at startup, at each resync and after
-    /// each change notification.
-    std::size_t list_limit = 100000;
+    /// The maximum number of pending operations one listing returns, at startup, at each resync and after
+    /// each change notification. Oldest requests come first, and each finished operation is
+    /// a change, so a backlog larger than this is worked off in order. It must not exceed the
+    /// control plane's page size limit (500 by default in lcm's HTTP API).
+    std::size_t list_limit = 500;
     /// The wall clock that operation deadlines are measured with; `now_utc` when empty.
     std::function<timestamp()> wall_clock;
     logger log;
 };
 
-/// What `read_status` observed: CML's licensing status, or a decision taken without it
-/// (the worker stopped, the deadline passed, or CML refused the read for good).
+/// The observation of `read_status`: CML's licensing status, or a decision taken without it
+/// (the worker stopped, the deadline passed, or CML rejected the read permanently).
 struct license_observation {
     std::optional<cml_licensing_status> cml;
     std::optional<license_decision> verdict;
@@ -250,7 +257,7 @@ private:
         co_return after_report(task, reported, {});
     }
 
-    /// Maps the control plane's answer to a report: done on success; a fresh look at the
+    /// Maps the control plane's response to a report: done on success; a fresh look at the
     /// worker when the operation is no longer current; a retry when the control plane failed.
     reconcile::action after_report(const license_task& task, const result<void>& reported,
                                    std::string_view success_message) const
@@ -342,12 +349,12 @@ public:
     /// Runs until a stop is requested or `run()` is cancelled, and returns the keys left undone.
     boost::asio::awaitable<reconcile::stop_report<std::string>> run()
     {
-        using namespace boost::asio::experimental::awaitable_operators;
         if (!options_.watch_changes) {
             co_return co_await reconciler_.run();
         }
-        auto finished = co_await (reconciler_.run() || watch_changes());
-        co_return std::get<0>(std::move(finished));
+        // On a strand, the change feed's completion handler and the wait for it take turns.
+        auto strand = boost::asio::make_strand(co_await boost::asio::this_coro::executor);
+        co_return co_await boost::asio::co_spawn(strand, run_with_feed(), boost::asio::use_awaitable);
     }
 
     void request_stop() { reconciler_.request_stop(); }
@@ -365,8 +372,53 @@ private:
         return options;
     }
 
+    /// Runs the reconciler with the change feed beside it. Only the reconciler receives a
+    /// cancellation of `run()`, so it stops gracefully and returns its report; the feed is
+    /// cancelled after that. Runs on a strand.
+    boost::asio::awaitable<reconcile::stop_report<std::string>> run_with_feed()
+    {
+        auto strand = co_await boost::asio::this_coro::executor;
+        boost::asio::cancellation_signal stop_feed;
+        boost::asio::steady_timer feed_finished(strand, boost::asio::steady_timer::time_point::max());
+        bool feed_running = true;
+        boost::asio::co_spawn(strand, watch_changes(),
+                              boost::asio::bind_cancellation_slot(stop_feed.slot(), [&](std::exception_ptr thrown) {
+                                  if (thrown) {
+                                      // New intents still arrive through the resync.
+                                      options_.license.log.error("license change feed stopped with an exception");
+                                  }
+                                  feed_running = false;
+                                  feed_finished.cancel();
+                              }));
+
+        std::exception_ptr failure;
+        reconcile::stop_report<std::string> report;
+        try {
+            report = co_await reconciler_.run();
+        }
+        catch (...) {
+            failure = std::current_exception();
+        }
+
+        // The feed uses this object, so run() returns only after the feed has; a further
+        // cancellation of run() must not end that wait.
+        co_await boost::asio::this_coro::reset_cancellation_state(boost::asio::disable_cancellation());
+        stop_feed.emit(boost::asio::cancellation_type::terminal);
+        while (feed_running) {
+            co_await feed_finished.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+        }
+        if (failure) {
+            std::rethrow_exception(failure);
+        }
+        co_return report;
+    }
+
     /// Enqueues every pending operation each time the control plane reports a change. The
     /// reconciler drops duplicates, so listing a worker that is already queued costs little.
+    ///
+    /// NOTE: the controller's own writes are changes too, so each one lists up to
+    /// `list_limit` tasks again, and a key that waits for a backoff retry is run early. A
+    /// feed that names the changed workers would remove both costs.
     boost::asio::awaitable<void> watch_changes()
     {
         const auto& log = options_.license.log;
@@ -399,7 +451,10 @@ private:
                         {{"error", next.error().message()},
                          {"retry_in_ms", std::to_string(options_.change_feed_retry.count())}});
             boost::asio::steady_timer timer(executor, options_.change_feed_retry);
-            co_await timer.async_wait(boost::asio::use_awaitable);
+            auto [error] = co_await timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+            if (error) {
+                co_return;
+            }
         }
     }
 

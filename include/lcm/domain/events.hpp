@@ -64,7 +64,7 @@ struct event_header {
     std::string worker_id;
     std::uint64_t operation_id = 0;
     timestamp occurred_at{};
-    /// Who requested the change: a user, a service or `system`.
+    /// The requester of the change: a user, a service or `system`.
     std::string initiated_by;
 
     friend bool operator==(const event_header&, const event_header&) = default;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -17,13 +18,13 @@
 
 namespace lcm::domain {
 
-/// What lcm last recorded about a worker's license.
+/// The state of a worker's license as lcm last recorded it.
 enum class license_status { unregistered, registered, evaluation, expired, invalid };
 
 /// The kind of license operation a worker has pending, or had last.
 enum class license_operation { none, registration, deregistration };
 
-/// How the last finished license operation ended.
+/// The outcome of the last finished license operation.
 enum class operation_outcome { none, completed, failed };
 
 namespace detail {
@@ -138,7 +139,7 @@ struct operation_error {
     friend bool operator==(const operation_error&, const operation_error&) = default;
 };
 
-/// What CML reported when a registration completed.
+/// The details CML reported for a completed registration.
 struct registration_details {
     std::string registration_status;
     std::string smart_account;
@@ -174,7 +175,7 @@ public:
         license_operation last_operation = license_operation::none;
         operation_outcome last_outcome = operation_outcome::none;
         std::optional<operation_error> last_error;
-        /// The warning of a deregistration that CML answered with 202.
+        /// The warning of a deregistration for which CML returned 202.
         std::optional<std::string> last_warning;
         std::optional<timestamp> expiry_date;
         std::string smart_account;
@@ -186,49 +187,60 @@ public:
         friend bool operator==(const fields&, const fields&) = default;
     };
 
-    cml_license() = default;
+    cml_license() : state_(empty_state()) {}
 
     /// Rebuilds a license from stored fields.
-    explicit cml_license(fields state) : state_(std::move(state)) {}
+    explicit cml_license(fields state) : state_(std::make_shared<const fields>(std::move(state))) {}
 
-    const fields& state() const noexcept { return state_; }
+    const fields& state() const noexcept { return *state_; }
 
-    license_status status() const noexcept { return state_.status; }
-    const std::optional<secret>& token() const noexcept { return state_.token; }
-    const std::optional<secret>& pending_token() const noexcept { return state_.pending_token; }
-    license_operation pending_operation() const noexcept { return state_.pending_operation; }
-    bool has_pending_operation() const noexcept { return state_.pending_operation != license_operation::none; }
-    bool reregister() const noexcept { return state_.reregister; }
-    bool operation_in_progress() const noexcept { return state_.operation_in_progress; }
-    std::uint64_t operation_id() const noexcept { return state_.operation_id; }
-    const std::string& requested_by() const noexcept { return state_.requested_by; }
-    const std::optional<timestamp>& requested_at() const noexcept { return state_.requested_at; }
-    const std::optional<timestamp>& started_at() const noexcept { return state_.started_at; }
-    const std::optional<timestamp>& finished_at() const noexcept { return state_.finished_at; }
-    std::uint32_t attempts() const noexcept { return state_.attempts; }
-    license_operation last_operation() const noexcept { return state_.last_operation; }
-    operation_outcome last_outcome() const noexcept { return state_.last_outcome; }
-    const std::optional<operation_error>& last_error() const noexcept { return state_.last_error; }
-    const std::optional<std::string>& last_warning() const noexcept { return state_.last_warning; }
-    const std::optional<timestamp>& expiry_date() const noexcept { return state_.expiry_date; }
-    const std::string& smart_account() const noexcept { return state_.smart_account; }
-    const std::string& virtual_account() const noexcept { return state_.virtual_account; }
-    const std::string& authorization_status() const noexcept { return state_.authorization_status; }
-    const std::vector<license_feature>& features() const noexcept { return state_.features; }
-    const boost::json::value& cml_info() const noexcept { return state_.cml_info; }
+    license_status status() const noexcept { return state_->status; }
+    const std::optional<secret>& token() const noexcept { return state_->token; }
+    const std::optional<secret>& pending_token() const noexcept { return state_->pending_token; }
+    license_operation pending_operation() const noexcept { return state_->pending_operation; }
+    bool has_pending_operation() const noexcept { return state_->pending_operation != license_operation::none; }
+    bool reregister() const noexcept { return state_->reregister; }
+    bool operation_in_progress() const noexcept { return state_->operation_in_progress; }
+    std::uint64_t operation_id() const noexcept { return state_->operation_id; }
+    const std::string& requested_by() const noexcept { return state_->requested_by; }
+    const std::optional<timestamp>& requested_at() const noexcept { return state_->requested_at; }
+    const std::optional<timestamp>& started_at() const noexcept { return state_->started_at; }
+    const std::optional<timestamp>& finished_at() const noexcept { return state_->finished_at; }
+    std::uint32_t attempts() const noexcept { return state_->attempts; }
+    license_operation last_operation() const noexcept { return state_->last_operation; }
+    operation_outcome last_outcome() const noexcept { return state_->last_outcome; }
+    const std::optional<operation_error>& last_error() const noexcept { return state_->last_error; }
+    const std::optional<std::string>& last_warning() const noexcept { return state_->last_warning; }
+    const std::optional<timestamp>& expiry_date() const noexcept { return state_->expiry_date; }
+    const std::string& smart_account() const noexcept { return state_->smart_account; }
+    const std::string& virtual_account() const noexcept { return state_->virtual_account; }
+    const std::string& authorization_status() const noexcept { return state_->authorization_status; }
+    const std::vector<license_feature>& features() const noexcept { return state_->features; }
+    const boost::json::value& cml_info() const noexcept { return state_->cml_info; }
 
     /// Returns whether the license holds a token CML accepted, so deregistration makes sense.
     bool holds_license() const noexcept
     {
-        return state_.status == license_status::registered || state_.status == license_status::evaluation;
+        return state_->status == license_status::registered || state_->status == license_status::evaluation;
     }
 
-    friend bool operator==(const cml_license&, const cml_license&) = default;
+    friend bool operator==(const cml_license& lhs, const cml_license& rhs) noexcept
+    {
+        return lhs.state_ == rhs.state_ || *lhs.state_ == *rhs.state_;
+    }
 
 private:
     friend class cml_worker;
 
-    fields state_;
+    static const std::shared_ptr<const fields>& empty_state()
+    {
+        static const auto empty = std::make_shared<const fields>();
+        return empty;
+    }
+
+    // Copies share the fields: the value never changes, so a copied worker costs one
+    // reference count instead of copying tokens, features and CML's info.
+    std::shared_ptr<const fields> state_;
 };
 
 } // namespace lcm::domain

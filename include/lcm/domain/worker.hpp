@@ -174,7 +174,7 @@ public:
     result<std::uint64_t> request_license_registration(secret token, bool reregister, std::string_view initiated_by,
                                                        timestamp now = now_utc())
     {
-        const auto& license = state_.license.state_;
+        const auto& license = *state_.license.state_;
         if (!is_valid_license_token(token.reveal())) {
             return errc::invalid_token;
         }
@@ -207,7 +207,7 @@ public:
     /// Repeating the pending request returns the same operation id and records nothing.
     result<std::uint64_t> request_license_deregistration(std::string_view initiated_by, timestamp now = now_utc())
     {
-        const auto& license = state_.license.state_;
+        const auto& license = *state_.license.state_;
         if (license.pending_operation == license_operation::deregistration) {
             return license.operation_id;
         }
@@ -232,7 +232,7 @@ public:
     /// but the pending one, and `worker_not_running`.
     result<void> start_license_operation(std::uint64_t operation_id, timestamp now = now_utc())
     {
-        const auto& license = state_.license.state_;
+        const auto& license = *state_.license.state_;
         if (operation_id != license.operation_id || license.pending_operation == license_operation::none) {
             return errc::stale_operation;
         }
@@ -371,7 +371,7 @@ private:
 
     cml_license::fields begin_operation(license_operation kind, std::string_view initiated_by, timestamp now) const
     {
-        auto next = state_.license.state_;
+        auto next = *state_.license.state_;
         next.pending_operation = kind;
         next.pending_token.reset();
         next.reregister = false;
@@ -389,7 +389,7 @@ private:
 
     cml_license::fields finish_operation(operation_outcome outcome, timestamp now) const
     {
-        auto next = state_.license.state_;
+        auto next = *state_.license.state_;
         next.last_operation = next.pending_operation;
         next.last_outcome = outcome;
         next.pending_operation = license_operation::none;
@@ -402,7 +402,7 @@ private:
 
     bool already_finished(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const noexcept
     {
-        const auto& license = state_.license.state_;
+        const auto& license = *state_.license.state_;
         return operation_id == license.operation_id && license.pending_operation == license_operation::none &&
                license.last_operation == kind && license.last_outcome == outcome;
     }
@@ -411,7 +411,7 @@ private:
     /// completion), or it already finished the same way.
     result<void> check_finish(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const
     {
-        const auto& license = state_.license.state_;
+        const auto& license = *state_.license.state_;
         if (already_finished(operation_id, kind, outcome)) {
             return success();
         }

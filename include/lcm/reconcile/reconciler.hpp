@@ -332,20 +332,27 @@ private:
     boost::asio::awaitable<void> work(worker& self)
     {
         unsigned since_yield = 0;
+        // A key leased when the previous one finished, and the time of that lease.
+        std::optional<lease_type> next;
+        time_point next_started{};
         for (;;) {
-            std::optional<lease_type> item;
-            const time_point started = clock_.now();
-            {
-                std::lock_guard lock(mutex_);
-                if (stopping_) {
-                    co_return;
-                }
-                item = queue_.pop(started);
-                update_depth();
-            }
+            std::optional<lease_type> item = next;
+            time_point started = next_started;
+            next.reset();
             if (!item) {
-                co_await wait_for_work(self);
-                continue;
+                started = clock_.now();
+                {
+                    std::lock_guard lock(mutex_);
+                    if (stopping_) {
+                        co_return;
+                    }
+                    item = queue_.pop(started);
+                    update_depth();
+                }
+                if (!item) {
+                    co_await wait_for_work(self);
+                    continue;
+                }
             }
 
             begin_attempt(self, *item, started);
@@ -377,7 +384,12 @@ private:
                 co_await boost::asio::this_coro::reset_cancellation_state();
             }
 
-            auto gave_up = finish_attempt(*item, outcome, started);
+            // Unless the worker yields after this key, it leases the next one in the same critical
+            // section as the finish, which saves a lock and a clock read per key.
+            const time_point finished = clock_.now();
+            const bool lease_next = since_yield + 1 < yield_interval;
+            auto gave_up = finish_attempt(*item, outcome, started, finished, lease_next ? &next : nullptr);
+            next_started = finished;
             if (gave_up) {
                 co_await run_terminal_hook(gave_up->first, gave_up->second);
             }
@@ -474,12 +486,13 @@ private:
         return action::retry(error);
     }
 
-    // Records the outcome in the queue and the metrics. Returns the key and failure when the key
-    // gave up, for the terminal-failure hook.
+    // Records the outcome in the queue and the metrics. When `next` is set and the key did not give
+    // up, also leases the next ready key into it, unless the reconciler is stopping. Returns the key
+    // and failure when the key gave up, for the terminal-failure hook.
     std::optional<std::pair<Key, terminal_failure>> finish_attempt(const lease_type& item, const action& outcome,
-                                                                   time_point started)
+                                                                   time_point started, time_point now,
+                                                                   std::optional<lease_type>* next)
     {
-        const time_point now = clock_.now();
         metrics_.reconcile_time->observe(to_seconds(now - started));
         count_result(outcome);
 
@@ -494,6 +507,9 @@ private:
         {
             std::lock_guard lock(mutex_);
             result = queue_.finish(item, outcome, now);
+            if (next != nullptr && !result.gave_up && !stopping_) {
+                *next = queue_.pop(now);
+            }
             rearm = pump_needs_rearm();
             update_depth();
         }

@@ -3,6 +3,7 @@
 
 #include <lcm/reconcile/action.hpp>
 #include <lcm/reconcile/backoff.hpp>
+#include <lcm/reconcile/detail/slab_pool.hpp>
 
 #include <boost/unordered/unordered_flat_set.hpp>
 
@@ -72,18 +73,24 @@ struct finish_result {
 /// - A key requested at two times keeps the earlier one. Ready keys are served first in, first out,
 ///   and a requeued or retried key goes to the back, so a failing key cannot starve the others.
 /// - Only `finish` of an attempt that ran changes the failure count; success of any kind resets it.
-/// - An untracked key has no entry: memory is proportional to the keys with pending work.
+/// - An untracked key has no entry. Entries come in chunks of 256, and a chunk is freed when its
+///   last key is done, so memory follows the keys with pending work. One key that stays delayed or
+///   running keeps its whole chunk, though: about 22 KB with `std::string` keys.
 ///
 /// Thread safety: none. The caller serializes all calls; `lease::key()` stays valid until `finish`.
 template <class Key, class Hash = std::hash<Key>, class KeyEqual = std::equal_to<Key>>
 class work_queue {
     struct entry;
-    // Entries live on the heap, so that leases and the queues can point to them, and an open
-    // addressing index finds them. With a million keys queued this is about twice as fast as a
-    // std::unordered_map, whose every lookup walks a linked bucket.
-    struct entry_hash;
-    struct entry_equal;
-    using index_type = boost::unordered_flat_set<entry*, entry_hash, entry_equal>;
+    // Entries live in a slab pool, so that leases and the queues can point to them and keys queued
+    // one after another sit next to each other in memory. The open-addressing index stores each
+    // entry's handle with a 32-bit hash of its key: growing the index and erasing an entry then
+    // read only the index, never the entries or their keys, which are cold with a million keys queued.
+    using pool_type = detail::slab_pool<entry>;
+    struct index_slot;
+    struct key_probe;
+    struct slot_hash;
+    struct slot_equal;
+    using index_type = boost::unordered_flat_set<index_slot, slot_hash, slot_equal>;
 
 public:
     using key_type = Key;
@@ -112,41 +119,41 @@ public:
         std::uint32_t previous_failures_;
     };
 
-    explicit work_queue(work_queue_options options = {}) : options_(std::move(options)), jitter_(options_.jitter_seed)
+    explicit work_queue(work_queue_options options = {})
+        : options_(std::move(options)), jitter_(options_.jitter_seed), index_(make_index())
     {
     }
 
-    // Leases and the internal queues point to the entries.
+    // Leases and the internal queues point to the entries, and the index to the pool.
     work_queue(const work_queue&) = delete;
     work_queue& operator=(const work_queue&) = delete;
-
-    ~work_queue()
-    {
-        for (entry* state : index_) {
-            delete state;
-        }
-    }
 
     const work_queue_options& options() const noexcept { return options_; }
 
     /// Requests a reconcile of `key` now. Returns whether this queued the key or moved its time
     /// earlier; false means the request was merged into one already pending.
-    bool add(Key key, time_point now) { return request(std::move(key), now, now); }
+    bool add(Key key, time_point now)
+    {
+        const std::uint32_t hash = hash_key(key);
+        return request(std::move(key), hash, now, now);
+    }
 
     /// Requests a reconcile of `key` after `delay`, clamped to [0, max_delay].
     bool add_after(Key key, duration delay, time_point now)
     {
-        return request(std::move(key), delay_from(now, delay), now);
+        const std::uint32_t hash = hash_key(key);
+        return request(std::move(key), hash, delay_from(now, delay), now);
     }
 
     /// Requests a reconcile of `key` now unless the key is already ready, delayed or running.
     /// A periodic resync uses this, so that it does not cut short a key's backoff or requeue delay.
     bool add_if_idle(Key key, time_point now)
     {
-        if (index_.find(key) != index_.end()) {
+        const std::uint32_t hash = hash_key(key);
+        if (index_.find(key_probe{hash, &key}) != index_.end()) {
             return false;
         }
-        return request(std::move(key), now, now);
+        return request(std::move(key), hash, now, now);
     }
 
     /// Moves the delayed keys that are due at `now` to the back of the ready queue, earliest first.
@@ -257,40 +264,63 @@ public:
         return keys;
     }
 
-    queue_stats stats() const noexcept { return {ready_.size(), delayed_.size(), running_, index_.size()}; }
+    queue_stats stats() const noexcept { return {ready_.size(), delayed_.size(), running_, pool_.size()}; }
 
 private:
     struct entry {
         enum class state : std::uint8_t { ready, delayed, running };
 
-        explicit entry(Key&& name) : key(std::move(name)) {}
+        entry(Key&& name, std::uint32_t key_hash) : key(std::move(name)), hash(key_hash) {}
 
         const Key key;
-        state current = state::ready;
-        // Requested again while running. `due` is then the earliest requested time.
-        bool dirty = false;
-        std::uint32_t failures = 0;
-        std::size_t heap_index = 0;
-        // Breaks ties between equal due times in request order, which keeps promotion fair.
-        std::uint64_t sequence = 0;
         time_point due{};
         time_point ready_since{};
         time_point first_failure{};
+        // Breaks ties between equal due times in request order, which keeps promotion fair.
+        std::uint64_t sequence = 0;
+        std::size_t heap_index = 0;
+        std::uint32_t failures = 0;
+        // `hash_key(key)` and the entry's own pool handle: together its slot in the index.
+        const std::uint32_t hash;
+        std::uint32_t handle = 0;
+        state current = state::ready;
+        // Requested again while running. `due` is then the earliest requested time.
+        bool dirty = false;
     };
 
-    struct entry_hash {
-        using is_transparent = void;
-
-        std::size_t operator()(const entry* state) const { return Hash()(state->key); }
-        std::size_t operator()(const Key& key) const { return Hash()(key); }
+    struct index_slot {
+        std::uint32_t hash;
+        typename pool_type::handle handle;
     };
 
-    struct entry_equal {
+    // Looks an entry up by key, with the key's hash computed once by the caller.
+    struct key_probe {
+        std::uint32_t hash;
+        const Key* key;
+    };
+
+    // The index rehashes from the stored 32-bit hash. boost::unordered mixes it before use,
+    // because this hasher is not marked as avalanching.
+    struct slot_hash {
         using is_transparent = void;
 
-        bool operator()(const entry* a, const entry* b) const { return KeyEqual()(a->key, b->key); }
-        bool operator()(const Key& a, const entry* b) const { return KeyEqual()(a, b->key); }
-        bool operator()(const entry* a, const Key& b) const { return KeyEqual()(a->key, b); }
+        std::size_t operator()(const index_slot& slot) const noexcept { return slot.hash; }
+        std::size_t operator()(const key_probe& probe) const noexcept { return probe.hash; }
+    };
+
+    // Slots are equal when they hold the same entry. A probe matches the slot of an equal key, and
+    // compares the stored hash first, so that it reads the entry's key only on a likely match.
+    struct slot_equal {
+        using is_transparent = void;
+
+        const pool_type* pool;
+
+        bool operator()(const index_slot& a, const index_slot& b) const noexcept { return a.handle == b.handle; }
+        bool operator()(const key_probe& probe, const index_slot& slot) const
+        {
+            return probe.hash == slot.hash && KeyEqual()(*probe.key, (*pool)[slot.handle].key);
+        }
+        bool operator()(const index_slot& slot, const key_probe& probe) const { return (*this)(probe, slot); }
     };
 
     // Below this many buckets an emptied index keeps its memory, because reallocating it for every
@@ -350,16 +380,23 @@ private:
         return retry_at;
     }
 
-    bool request(Key&& key, time_point due, time_point now)
+    // Folds the key's hash to 32 bits, so that an index slot with its handle takes 8 bytes.
+    static std::uint32_t hash_key(const Key& key)
     {
-        const auto position = index_.find(key);
+        const std::size_t full = Hash()(key);
+        return static_cast<std::uint32_t>(full ^ (full >> 16 >> 16));
+    }
+
+    index_type make_index() const { return index_type(0, slot_hash(), slot_equal{&pool_}); }
+
+    bool request(Key&& key, std::uint32_t hash, time_point due, time_point now)
+    {
+        const auto position = index_.find(key_probe{hash, &key});
         if (position == index_.end()) {
-            auto created = std::make_unique<entry>(std::move(key));
-            index_.insert(created.get());
-            schedule(*created.release(), due, now);
+            create_entry(std::move(key), hash, due, now);
             return true;
         }
-        entry& state = **position;
+        entry& state = pool_[position->handle];
 
         switch (state.current) {
         case entry::state::ready:
@@ -380,6 +417,21 @@ private:
             return true;
         }
         return false;
+    }
+
+    void create_entry(Key&& key, std::uint32_t hash, time_point due, time_point now)
+    {
+        const auto handle = pool_.create(std::move(key), hash);
+        entry& created = pool_[handle];
+        created.handle = handle;
+        try {
+            index_.insert(index_slot{hash, handle});
+            schedule(created, due, now);
+        } catch (...) {
+            index_.erase(index_slot{hash, handle});
+            pool_.destroy(handle);
+            throw;
+        }
     }
 
     void schedule(entry& node, time_point due, time_point now)
@@ -406,16 +458,19 @@ private:
 
     void forget(entry& state)
     {
-        index_.erase(&state);
-        delete &state;
+        index_.erase(index_slot{state.hash, state.handle});
+        pool_.destroy(state.handle);
     }
 
+    // After a burst, frees the index, the queues and the pool's last chunk. The pool frees its
+    // other chunks by itself as they empty.
     void release_memory_if_empty()
     {
         if (!index_.empty() || index_.bucket_count() < shrink_threshold) {
             return;
         }
-        index_ = index_type();
+        index_ = make_index();
+        pool_.release_if_empty();
         std::deque<entry*>().swap(ready_);
         std::vector<entry*>().swap(delayed_);
     }
@@ -477,6 +532,8 @@ private:
 
     work_queue_options options_;
     jitter_source jitter_;
+    // Declared before the index, whose equality predicate points to it.
+    pool_type pool_;
     index_type index_;
     std::deque<entry*> ready_;
     std::vector<entry*> delayed_;

@@ -9,11 +9,12 @@
 #include <boost/asio/awaitable.hpp>
 
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <tuple>
 #include <vector>
 
@@ -46,6 +47,7 @@ public:
             stored.take_events();
             stored.set_version(1);
             index_pending(stored);
+            ordered_ids_.insert(worker.id());
             workers_.emplace(worker.id(), std::move(stored));
         }
         notifier_.notify();
@@ -79,8 +81,8 @@ public:
     {
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
-        for (auto it = workers_.upper_bound(after_id); it != workers_.end() && page.size() < limit; ++it) {
-            page.push_back(it->second);
+        for (auto it = ordered_ids_.upper_bound(after_id); it != ordered_ids_.end() && page.size() < limit; ++it) {
+            page.push_back(workers_.find(*it)->second);
         }
         co_return page;
     }
@@ -139,8 +141,15 @@ private:
         }
     }
 
+    struct string_hash {
+        using is_transparent = void;
+        std::size_t operator()(std::string_view text) const noexcept { return std::hash<std::string_view>{}(text); }
+    };
+
     mutable std::mutex mutex_;
-    std::map<std::string, domain::cml_worker, std::less<>> workers_;
+    // Lookups by id go through the hash map; listing in id order goes through the ordered set.
+    std::unordered_map<std::string, domain::cml_worker, string_hash, std::equal_to<>> workers_;
+    std::set<std::string, std::less<>> ordered_ids_;
     std::set<pending_key> pending_;
     change_notifier notifier_;
 };

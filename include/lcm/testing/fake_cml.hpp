@@ -416,6 +416,7 @@ private:
         }
 
         std::string token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
+        token.reserve(token.size() + (payload.size() + signature.size()) * 4 / 3 + 4);
         detail::append_base64url(token, payload);
         token.push_back('.');
         detail::append_base64url(token, std::string_view(signature.data(), signature.size()));
@@ -748,14 +749,12 @@ public:
         if (!mapped) {
             co_return mapped.error();
         }
-        switch (mapped.value()) {
-        case cml_success::deregistered_locally:
+        const auto outcome = deregistration_outcome_of(mapped.value());
+        if (outcome == cml_deregistration_outcome::deregistered_locally) {
             log_.warning("CML deregistered locally but could not reach the Cisco licensing service",
                          {{"endpoint", endpoint.base_url}});
-            co_return cml_deregistration_outcome::deregistered_locally;
-        case cml_success::already_deregistered: co_return cml_deregistration_outcome::already_deregistered;
-        default: co_return cml_deregistration_outcome::deregistered;
         }
+        co_return outcome;
     }
 
 private:

@@ -1,5 +1,5 @@
-// A generic HTTP/1.1 server on Boost.Beast: one coroutine per connection, limits on
-// message sizes, time and connections, and a graceful stop.
+// A generic HTTP/1.1 server on Boost.Beast, over TCP or TLS: one coroutine per connection,
+// limits on message sizes, time and connections, and a graceful stop.
 #pragma once
 
 #include <lcm/error.hpp>
@@ -13,6 +13,9 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/ssl/stream_base.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -24,6 +27,7 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/write.hpp>
+#include <boost/beast/ssl/ssl_stream.hpp>
 
 #include <algorithm>
 #include <array>
@@ -35,7 +39,10 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace lcm::transport {
@@ -62,10 +69,23 @@ struct http_server_options {
     /// Maximum time `run()` lets in-flight requests finish after `stop()` before it closes
     /// their connections.
     std::chrono::milliseconds shutdown_timeout{5'000};
+    /// When set, every connection starts with a TLS handshake with this context, which must
+    /// hold the certificate chain and private key. The handshake must end within
+    /// `request_timeout`. Empty serves plain HTTP.
+    std::shared_ptr<boost::asio::ssl::context> tls_context;
+};
+
+/// Thrown by a request handler to close the connection without sending a response, as a
+/// server that crashed or a network that failed would. Tests use it to simulate lost
+/// responses.
+class connection_dropped : public std::runtime_error {
+public:
+    connection_dropped() : std::runtime_error("connection dropped by the request handler") {}
 };
 
 /// Handles one request. The handler returns a response for errors the client caused,
-/// usually from `make_error_response`. The server treats an exception as a bug and responds 500.
+/// usually from `make_error_response`. The server treats an exception as a bug and responds
+/// 500, except `connection_dropped`, which closes the connection without a response.
 using request_handler = std::function<boost::asio::awaitable<http_response>(http_request)>;
 
 /// An HTTP/1.1 server that passes every request to one `request_handler`.
@@ -148,21 +168,36 @@ public:
     /// Returns the number of open connections, those being rejected included.
     std::size_t connection_count() const noexcept { return connection_count_.load(); }
 
+    /// Returns the number of connections accepted since `listen()`, rejected ones included.
+    std::uint64_t accepted_connections() const noexcept { return accepted_count_.load(); }
+
 private:
+    using tls_stream = boost::beast::ssl_stream<boost::beast::tcp_stream>;
+
     struct connection {
-        connection(boost::asio::ip::tcp::socket socket, std::uint64_t number) : stream(std::move(socket)), id(number)
+        connection(boost::asio::ip::tcp::socket socket, std::uint64_t number,
+                   const std::shared_ptr<boost::asio::ssl::context>& tls_context)
+            : plain(std::move(socket)), id(number)
         {
+            if (tls_context) {
+                tls.emplace(std::move(plain), *tls_context);
+            }
         }
+
+        /// Returns the TCP layer, which carries the timeouts of both kinds of stream.
+        boost::beast::tcp_stream& tcp() noexcept { return tls ? tls->next_layer() : plain; }
 
         /// Cancels every operation of the connection and closes its socket, on the strand.
         void close()
         {
             signal.emit(boost::asio::cancellation_type::terminal);
             boost::system::error_code ignored;
-            stream.socket().close(ignored);
+            tcp().socket().close(ignored);
         }
 
-        boost::beast::tcp_stream stream;
+        /// The stream of a plain connection; moved into `tls` for a TLS connection.
+        boost::beast::tcp_stream plain;
+        std::optional<tls_stream> tls;
         std::uint64_t id;
         boost::asio::cancellation_signal signal;
         /// Whether the connection waits for the first byte of a request, so stop may close it.
@@ -176,7 +211,8 @@ private:
         // Cancellation ends the accept loop; the waits below must still run to the end.
         co_await boost::asio::this_coro::throw_if_cancelled(false);
         log_.info("http server started", {{"address", endpoint_.address().to_string()},
-                                          {"port", std::to_string(endpoint_.port())}});
+                                          {"port", std::to_string(endpoint_.port())},
+                                          {"tls", options_.tls_context ? "on" : "off"}});
 
         const bool cancelled = co_await accept_loop();
         begin_stop();
@@ -226,15 +262,16 @@ private:
 
     void spawn_connection(boost::asio::ip::tcp::socket socket, std::uint64_t id)
     {
-        auto entry = std::make_shared<connection>(std::move(socket), id);
+        auto entry = std::make_shared<connection>(std::move(socket), id, options_.tls_context);
         const bool rejected = active_ >= options_.max_connections;
         auto position = connections_.insert(connections_.end(), entry);
         ++connection_count_;
+        ++accepted_count_;
         if (!rejected) {
             ++active_;
         }
 
-        auto body = rejected ? reject(*entry) : serve(*entry);
+        auto body = start(*entry, rejected);
         boost::asio::co_spawn(strand_, std::move(body),
                               boost::asio::bind_cancellation_slot(
                                   entry->signal.slot(), [this, entry, position, rejected](std::exception_ptr failure) {
@@ -255,7 +292,7 @@ private:
             }
         }
         boost::system::error_code ignored;
-        entry.stream.socket().close(ignored);
+        entry.tcp().socket().close(ignored);
         connections_.erase(position);
         --connection_count_;
         if (!rejected) {
@@ -281,23 +318,54 @@ private:
         }
     }
 
+    /// Completes the TLS handshake, if any, then serves or rejects the connection.
+    boost::asio::awaitable<void> start(connection& entry, bool rejected)
+    {
+        // Each call gets its own co_await statement: g++ 12 destroys the awaitable of a
+        // conditional expression inside co_await twice.
+        if (!entry.tls) {
+            if (rejected) {
+                co_await reject(entry, entry.plain);
+            }
+            else {
+                co_await serve(entry, entry.plain);
+            }
+            co_return;
+        }
+        entry.tcp().expires_after(options_.request_timeout);
+        auto [error] = co_await entry.tls->async_handshake(boost::asio::ssl::stream_base::server,
+                                                           boost::asio::as_tuple(boost::asio::use_awaitable));
+        if (error) {
+            log_.info("TLS handshake failed", {{"connection_id", std::to_string(entry.id)}, {"error", error.message()}});
+            co_return;
+        }
+        if (rejected) {
+            co_await reject(entry, *entry.tls);
+        }
+        else {
+            co_await serve(entry, *entry.tls);
+        }
+    }
+
     /// Answers a connection over the limit with 503 and closes it.
-    boost::asio::awaitable<void> reject(connection& entry)
+    template <class Stream>
+    boost::asio::awaitable<void> reject(connection& entry, Stream& stream)
     {
         log_.warning("connection rejected: too many connections",
                      {{"connection_id", std::to_string(entry.id)},
                       {"max_connections", std::to_string(options_.max_connections)}});
         auto response = make_error_response(errc::unavailable, "too many connections; retry later");
         response.keep_alive(false);
-        entry.stream.expires_after(options_.write_timeout);
+        entry.tcp().expires_after(options_.write_timeout);
         auto [error, written] =
-            co_await http::async_write(entry.stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
+            co_await http::async_write(stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
         if (!error) {
-            co_await close_gracefully(entry);
+            co_await close_gracefully(entry, stream);
         }
     }
 
-    boost::asio::awaitable<void> serve(connection& entry)
+    template <class Stream>
+    boost::asio::awaitable<void> serve(connection& entry, Stream& stream)
     {
         const auto connection_id = std::to_string(entry.id);
         boost::beast::flat_buffer buffer;
@@ -307,8 +375,8 @@ private:
                     break;
                 }
                 entry.idle = true;
-                entry.stream.expires_after(options_.idle_timeout);
-                auto [error, received] = co_await entry.stream.async_read_some(
+                entry.tcp().expires_after(options_.idle_timeout);
+                auto [error, received] = co_await stream.async_read_some(
                     buffer.prepare(4096), boost::asio::as_tuple(boost::asio::use_awaitable));
                 entry.idle = false;
                 if (error) {
@@ -323,11 +391,11 @@ private:
             http::request_parser<http::string_body> parser;
             parser.header_limit(static_cast<std::uint32_t>(options_.max_header_size));
             parser.body_limit(options_.max_body_size);
-            entry.stream.expires_after(options_.request_timeout);
+            entry.tcp().expires_after(options_.request_timeout);
             auto [read_error, read] =
-                co_await http::async_read(entry.stream, buffer, parser, boost::asio::as_tuple(boost::asio::use_awaitable));
+                co_await http::async_read(stream, buffer, parser, boost::asio::as_tuple(boost::asio::use_awaitable));
             if (read_error) {
-                co_await answer_read_error(entry, read_error);
+                co_await answer_read_error(entry, stream, read_error);
                 break;
             }
 
@@ -341,6 +409,11 @@ private:
             http_response response;
             try {
                 response = co_await handler_(std::move(request));
+            }
+            catch (const connection_dropped&) {
+                log_.info("connection dropped by the handler",
+                          {{"connection_id", connection_id}, {"method", method}, {"path", path}});
+                break;
             }
             catch (const boost::system::system_error& exception) {
                 if (exception.code() == boost::asio::error::operation_aborted) {
@@ -360,9 +433,9 @@ private:
             response.version(version);
             response.keep_alive(keep_alive && !stopping_);
             response.prepare_payload();
-            entry.stream.expires_after(options_.write_timeout);
+            entry.tcp().expires_after(options_.write_timeout);
             auto [write_error, written] =
-                co_await http::async_write(entry.stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
+                co_await http::async_write(stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
 
             const auto elapsed = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started);
             log_.info("request", {{"connection_id", connection_id},
@@ -375,18 +448,20 @@ private:
                 break;
             }
             if (!response.keep_alive()) {
-                co_await close_gracefully(entry);
+                co_await close_gracefully(entry, stream);
                 break;
             }
         }
     }
 
     /// Answers a request that could not be read, when the client can still read an answer.
-    boost::asio::awaitable<void> answer_read_error(connection& entry, boost::system::error_code error)
+    template <class Stream>
+    boost::asio::awaitable<void> answer_read_error(connection& entry, Stream& stream, boost::system::error_code error)
     {
         const auto connection_id = std::to_string(entry.id);
+        // A TLS client that closes without close_notify ends the read with stream_truncated.
         if (error == http::error::end_of_stream || error == boost::asio::error::eof ||
-            error == boost::asio::error::operation_aborted) {
+            error == boost::asio::error::operation_aborted || error == boost::asio::ssl::error::stream_truncated) {
             co_return;
         }
         if (error == boost::beast::error::timeout) {
@@ -417,32 +492,41 @@ private:
                                        {"status", std::to_string(response.result_int())},
                                        {"error", error.message()}});
         response.keep_alive(false);
-        entry.stream.expires_after(options_.write_timeout);
+        entry.tcp().expires_after(options_.write_timeout);
         auto [write_error, written] =
-            co_await http::async_write(entry.stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
+            co_await http::async_write(stream, response, boost::asio::as_tuple(boost::asio::use_awaitable));
         if (!write_error) {
-            co_await close_gracefully(entry);
+            co_await close_gracefully(entry, stream);
         }
     }
 
     /// Sends FIN and reads what the client still sends, for a bounded time and size, so the
-    /// close does not reset the connection before the client has read the response.
-    boost::asio::awaitable<void> close_gracefully(connection& entry)
+    /// close does not reset the connection before the client has read the response. A TLS
+    /// connection first sends close_notify.
+    template <class Stream>
+    boost::asio::awaitable<void> close_gracefully(connection& entry, Stream& stream)
     {
+        const auto linger = std::min(options_.request_timeout, std::chrono::milliseconds(1000));
+        if constexpr (std::is_same_v<Stream, tls_stream>) {
+            // The client may close first, so any outcome of the TLS shutdown is fine.
+            entry.tcp().expires_after(linger);
+            co_await stream.async_shutdown(boost::asio::as_tuple(boost::asio::use_awaitable));
+        }
+        boost::beast::tcp_stream& tcp = entry.tcp();
         boost::system::error_code ignored;
-        entry.stream.socket().shutdown(boost::asio::ip::tcp::socket::shutdown_send, ignored);
-        entry.stream.expires_after(std::min(options_.request_timeout, std::chrono::milliseconds(1000)));
+        tcp.socket().shutdown(boost::asio::ip::tcp::socket::shutdown_send, ignored);
+        tcp.expires_after(linger);
         std::array<char, 4096> scratch;
         std::size_t drained = 0;
         while (drained <= options_.max_body_size + options_.max_header_size) {
-            auto [error, received] = co_await entry.stream.async_read_some(
-                boost::asio::buffer(scratch), boost::asio::as_tuple(boost::asio::use_awaitable));
+            auto [error, received] =
+                co_await tcp.async_read_some(boost::asio::buffer(scratch), boost::asio::as_tuple(boost::asio::use_awaitable));
             if (error) {
                 break;
             }
             drained += received;
         }
-        entry.stream.socket().close(ignored);
+        tcp.socket().close(ignored);
     }
 
     /// Returns the path of a request target without its query, which may hold values that
@@ -473,6 +557,7 @@ private:
     /// Connections counted against `max_connections`, without those being rejected.
     std::size_t active_ = 0;
     std::atomic<std::size_t> connection_count_{0};
+    std::atomic<std::uint64_t> accepted_count_{0};
     bool stopping_ = false;
 };
 

@@ -1,0 +1,291 @@
+// lcm-fake-cml and lcm-control-plane as child processes on 127.0.0.1: the bound address on
+// the first line of stdout, a few requests, a clean exit on SIGTERM, --help, bad flags,
+// and no secret in their output.
+#if defined(LCM_FAKE_CML_PROGRAM) && defined(LCM_CONTROL_PLANE_PROGRAM)
+
+#include "child_process.hpp"
+#include "cml_http_test_support.hpp"
+#include "tls_test_support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <boost/url/parse.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+using namespace lcm;
+using namespace lcm::test;
+
+namespace {
+
+constexpr auto start_timeout = std::chrono::seconds(10);
+constexpr auto exit_timeout = std::chrono::seconds(10);
+
+/// A temporary directory with secret files, deleted by the destructor.
+class secret_files {
+public:
+    secret_files()
+    {
+        std::string pattern = (std::filesystem::temp_directory_path() / "lcm-programs-XXXXXX").string();
+        REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+        directory_ = pattern;
+    }
+
+    secret_files(const secret_files&) = delete;
+    secret_files& operator=(const secret_files&) = delete;
+
+    ~secret_files()
+    {
+        std::error_code ignored;
+        std::filesystem::remove_all(directory_, ignored);
+    }
+
+    /// Writes `content` to a new file and returns its path.
+    std::string write(const std::string& name, const std::string& content)
+    {
+        const auto path = directory_ / name;
+        std::ofstream(path) << content;
+        return path.string();
+    }
+
+private:
+    std::filesystem::path directory_;
+};
+
+/// Reads `listening on <url>` from the first line and returns the port.
+unsigned short read_port(child_process& child)
+{
+    auto line = child.read_first_line(start_timeout);
+    INFO("stderr: " << child.standard_error());
+    REQUIRE(line);
+    INFO("first line: " << *line);
+    REQUIRE(line->starts_with("listening on http://127.0.0.1:"));
+    auto url = boost::urls::parse_absolute_uri(line->substr(std::string_view("listening on ").size()));
+    REQUIRE(url);
+    return url->port_number();
+}
+
+/// Sends SIGTERM and checks that the program exits with 0.
+void stop_cleanly(child_process& child)
+{
+    child.send_signal(SIGTERM);
+    const auto status = child.wait_for_exit(exit_timeout);
+    INFO("stderr: " << child.standard_error());
+    REQUIRE(status);
+    CHECK(*status == 0);
+}
+
+void check_output_free_of(const child_process& child, const std::vector<std::string>& secrets)
+{
+    const auto output = child.standard_output() + child.standard_error();
+    for (const auto& value : secrets) {
+        INFO("secret: " << value);
+        CHECK(output.find(value) == std::string::npos);
+    }
+}
+
+http_request make_admin_request(http::verb method, std::string target, std::string body = {})
+{
+    return make_request(method, target, credentials::admin, std::move(body));
+}
+
+} // namespace
+
+TEST_CASE("fake cml program serves instances", "[integration]")
+{
+    secret_files files;
+    const auto password_file = files.write("password", cml_password + "\n");
+    // The listen address comes from the environment, the rest from flags.
+    child_process child(LCM_FAKE_CML_PROGRAM,
+                        {"--password-file", password_file, "--reject-token-prefix", "REJECT", "--log-level", "debug"},
+                        {"LCM_FAKE_CML_LISTEN=127.0.0.1:0"});
+    const auto port = read_port(child);
+
+    asio::io_context context;
+    log_capture logs;
+    transport::cml_http_client client(context.get_executor(), test_client_options(), logs.make_logger());
+    const cml_endpoint lab{"http://127.0.0.1:" + std::to_string(port) + "/instances/lab-1"};
+    const cml_endpoint other{"http://127.0.0.1:" + std::to_string(port) + "/instances/lab-2"};
+
+    auto body = [&]() -> asio::awaitable<void> {
+        const secret good(license_token);
+        auto registered = co_await client.register_license(lab, good, false);
+        REQUIRE(registered);
+        auto status = co_await client.get_licensing_status(lab);
+        REQUIRE(status);
+        CHECK(status.value().registration_status == cml_registration_status::completed);
+
+        const secret bad(rejected_license_token);
+        auto rejected = co_await client.register_license(other, bad, false);
+        REQUIRE(rejected);
+        auto failed = co_await client.get_licensing_status(other);
+        REQUIRE(failed);
+        CHECK(failed.value().registration_status == cml_registration_status::failed);
+
+        http_request counters_request{http::verb::get, "/_fake/counters", 11};
+        auto counters = co_await send(port, std::move(counters_request));
+        REQUIRE(counters.result() == http::status::ok);
+        CHECK(json_of(counters).at("accepted_registrations").to_number<std::uint64_t>() == 2);
+        CHECK(json_of(counters).at("instances").to_number<std::uint64_t>() == 2);
+        client.close_idle_connections();
+    };
+    testing::run_with_timeout(context, body());
+
+    stop_cleanly(child);
+    CHECK(child.standard_error().find("fake CML stopped") != std::string::npos);
+    check_output_free_of(child, {cml_password, license_token, rejected_license_token, std::string(bearer_prefix)});
+    check_no_secrets_logged(logs);
+}
+
+TEST_CASE("fake cml program serves https", "[integration]")
+{
+    secret_files files;
+    const auto password_file = files.write("password", cml_password);
+    const auto& certificates = get_test_certificates();
+    child_process child(LCM_FAKE_CML_PROGRAM, {"--listen", "127.0.0.1:0", "--password-file", password_file,
+                                               "--tls-cert", certificates.server_certificate, "--tls-key",
+                                               certificates.server_key});
+    auto line = child.read_first_line(start_timeout);
+    REQUIRE(line);
+    REQUIRE(line->starts_with("listening on https://127.0.0.1:"));
+    const auto origin = line->substr(std::string_view("listening on ").size());
+
+    asio::io_context context;
+    log_capture logs;
+    auto options = test_client_options();
+    options.ca_file = certificates.ca_file;
+    transport::cml_http_client client(context.get_executor(), options, logs.make_logger());
+    const cml_endpoint lab{origin + "/instances/lab-1"};
+
+    auto body = [&]() -> asio::awaitable<void> {
+        auto status = co_await client.get_licensing_status(lab);
+        CHECK(status);
+        client.close_idle_connections();
+    };
+    testing::run_with_timeout(context, body());
+    stop_cleanly(child);
+}
+
+TEST_CASE("control plane program serves api", "[integration]")
+{
+    secret_files files;
+    const auto api_key_file = files.write("api-key", api_key + "\n");
+    const auto admin_token_file = files.write("admin-token", admin_token + "\n");
+    child_process child(LCM_CONTROL_PLANE_PROGRAM, {"--listen", "127.0.0.1:0", "--api-key-file", api_key_file,
+                                                    "--admin-token-file", admin_token_file});
+    const auto port = read_port(child);
+
+    asio::io_context context;
+    auto body = [&]() -> asio::awaitable<void> {
+        http_request health{http::verb::get, "/health", 11};
+        auto healthy = co_await send(port, std::move(health));
+        CHECK(healthy.result() == http::status::ok);
+
+        auto add = make_admin_request(http::verb::post, "/api/workers",
+                                      R"({"id": "w1", "name": "lab 1", "cml_url": "https://127.0.0.1:9443"})");
+        auto added = co_await send(port, std::move(add));
+        CHECK(added.result() == http::status::created);
+
+        auto registration = make_admin_request(http::verb::post, "/api/workers/w1/license",
+                                               R"({"token": ")" + license_token + R"("})");
+        auto accepted = co_await send(port, std::move(registration));
+        CHECK(accepted.result() == http::status::accepted);
+        CHECK(accepted.body().find(license_token) == std::string::npos);
+
+        auto unauthorized = make_request(http::verb::get, "/api/workers", credentials::none);
+        auto rejected = co_await send(port, std::move(unauthorized));
+        CHECK(rejected.result() == http::status::unauthorized);
+    };
+    testing::run_with_timeout(context, body());
+
+    stop_cleanly(child);
+    CHECK(child.standard_error().find("control plane stopped") != std::string::npos);
+    check_output_free_of(child, {api_key, admin_token, license_token});
+}
+
+TEST_CASE("programs print help", "[integration]")
+{
+    for (const auto* program : {LCM_FAKE_CML_PROGRAM, LCM_CONTROL_PLANE_PROGRAM}) {
+        INFO(program);
+        child_process child(program, {"--help"});
+        const auto status = child.wait_for_exit(exit_timeout);
+        REQUIRE(status);
+        CHECK(*status == 0);
+        CHECK(child.standard_output().find("--listen") != std::string::npos);
+        CHECK(child.standard_output().find("--log-level") != std::string::npos);
+    }
+}
+
+TEST_CASE("programs reject bad flags", "[integration]")
+{
+    for (const auto* program : {LCM_FAKE_CML_PROGRAM, LCM_CONTROL_PLANE_PROGRAM}) {
+        INFO(program);
+        child_process child(program, {"--no-such-flag"});
+        const auto status = child.wait_for_exit(exit_timeout);
+        REQUIRE(status);
+        CHECK(*status == 2);
+        CHECK(child.standard_error().find("no-such-flag") != std::string::npos);
+        CHECK(child.standard_error().find("--help") != std::string::npos);
+        CHECK(child.standard_output().empty());
+    }
+}
+
+TEST_CASE("programs reject bad values", "[integration]")
+{
+    secret_files files;
+    const auto password_file = files.write("password", cml_password);
+    const std::vector<std::vector<std::string>> cases = {
+        {"--password-file", password_file, "--listen", "127.0.0.1"},
+        {"--password-file", password_file, "--error-rate", "1.5"},
+        {"--password-file", password_file, "--tls-cert", password_file},
+        {"--listen", "127.0.0.1:0"},
+    };
+    for (const auto& arguments : cases) {
+        INFO(arguments.back());
+        child_process child(LCM_FAKE_CML_PROGRAM, arguments);
+        const auto status = child.wait_for_exit(exit_timeout);
+        REQUIRE(status);
+        CHECK(*status == 2);
+        CHECK_FALSE(child.standard_error().empty());
+        check_output_free_of(child, {cml_password});
+    }
+}
+
+TEST_CASE("control plane rejects empty key file", "[integration]")
+{
+    secret_files files;
+    const auto empty_file = files.write("empty", "\n");
+    const auto admin_token_file = files.write("admin-token", admin_token);
+    const auto missing_file = files.write("unused", "") + ".missing";
+
+    child_process empty(LCM_CONTROL_PLANE_PROGRAM, {"--listen", "127.0.0.1:0", "--api-key-file", empty_file,
+                                                    "--admin-token-file", admin_token_file});
+    auto status = empty.wait_for_exit(exit_timeout);
+    REQUIRE(status);
+    CHECK(*status == 2);
+    CHECK(empty.standard_error().find("--api-key-file file " + empty_file + " is empty") != std::string::npos);
+
+    child_process missing(LCM_CONTROL_PLANE_PROGRAM, {"--listen", "127.0.0.1:0", "--api-key-file", missing_file,
+                                                      "--admin-token-file", admin_token_file});
+    status = missing.wait_for_exit(exit_timeout);
+    REQUIRE(status);
+    CHECK(*status == 2);
+    CHECK(missing.standard_error().find("cannot read --api-key-file file " + missing_file) != std::string::npos);
+
+    const auto api_key_file = files.write("api-key", api_key);
+    child_process absent(LCM_CONTROL_PLANE_PROGRAM, {"--listen", "127.0.0.1:0", "--api-key-file", api_key_file});
+    status = absent.wait_for_exit(exit_timeout);
+    REQUIRE(status);
+    CHECK(*status == 2);
+    CHECK(absent.standard_error().find("missing --admin-token-file") != std::string::npos);
+    check_output_free_of(absent, {api_key});
+}
+
+#endif
