@@ -234,3 +234,32 @@ TEST_CASE("PostgreSQL logs no password", "[storage][postgres]")
         CHECK(line.find(password) == std::string::npos);
     }
 }
+
+TEST_CASE("PostgreSQL rejects an unparsable URL", "[storage][postgres]")
+{
+    // libpq quotes an unparsable URL in its error message, password included. Opening fails
+    // before any connection attempt, so this test needs no server.
+    const std::string password = "unparsable-url-password";
+    const std::vector<std::string> urls = {
+        "postgresql://lcm:" + password + "@[::1",
+        "host=127.0.0.1 password=" + password + " stray",
+        "postgresql://lcm:" + password + "%zz@127.0.0.1/lcm_test",
+    };
+    for (const auto& url : urls) {
+        INFO(url);
+        boost::asio::io_context context;
+        captured_log log;
+        postgres_options options;
+        options.url = url;
+        auto opened =
+            lcm::testing::run_with_timeout(context, postgres_repository::open(options, log.logger(lcm::log_level::trace)));
+
+        REQUIRE_FALSE(opened);
+        CHECK(opened.error() == errc::invalid_argument);
+        CHECK_FALSE(log.find("connection URL is invalid").empty());
+        for (const auto& line : log.lines()) {
+            INFO(line);
+            CHECK(line.find(password) == std::string::npos);
+        }
+    }
+}

@@ -79,9 +79,9 @@ public:
 
     /// Connects, applies missing migrations, starts listening and returns the repository.
     /// Fails with `errc::unavailable` when the server cannot be reached, with
-    /// `errc::invalid_argument` for a too long schema name or a schema newer than
-    /// `schema_version`, and with `errc::timeout`; the log names the cause. Awaits the setup on
-    /// the repository's pool; cancellable like every operation.
+    /// `errc::invalid_argument` for a URL that libpq cannot parse, a too long schema name or
+    /// a schema newer than `schema_version`, and with `errc::timeout`; the log names the cause.
+    /// Awaits the setup on the repository's pool; cancellable like every operation.
     static boost::asio::awaitable<result<std::unique_ptr<postgres_repository>>> open(postgres_options options,
                                                                                    logger log = {})
     {
@@ -90,6 +90,12 @@ public:
             co_return errc::invalid_argument;
         }
         std::unique_ptr<postgres_repository> repository(new postgres_repository(std::move(options), std::move(log)));
+        if (!repository->settings_.endpoint.valid) {
+            // libpq's parse error quotes the URL, password included, so only the fact is logged.
+            repository->log_.error("PostgreSQL connection URL is invalid; check its syntax against libpq's "
+                                   "connection string formats");
+            co_return errc::invalid_argument;
+        }
         auto* self = repository.get();
         auto& pool = repository->pool_;
         const auto timeout = repository->options_.connect_timeout + repository->options_.timeout;

@@ -27,6 +27,9 @@ struct postgres_endpoint {
     std::string port;
     std::string dbname;
     std::optional<secret> password;
+    /// False when libpq cannot parse the URL. Then the password is unknown, so `redact`
+    /// cannot remove it, and libpq's messages about the URL must not be logged at all.
+    bool valid = false;
 
     static postgres_endpoint from_url(const std::string& url)
     {
@@ -39,6 +42,7 @@ struct postgres_endpoint {
             endpoint.host = "<unparsable URL>";
             return endpoint;
         }
+        endpoint.valid = true;
         for (auto* option = options; option->keyword != nullptr; ++option) {
             if (option->val == nullptr) {
                 continue;
@@ -157,10 +161,13 @@ public:
         PQsetNoticeProcessor(connection_, [](void*, const char*) {}, nullptr);
         if (!healthy()) {
             const auto& endpoint = settings.endpoint;
+            // libpq quotes an unparsable URL in its message, password included.
+            const auto message = endpoint.valid ? endpoint.redact(error_message())
+                                                : std::string("the connection URL is invalid");
             log.warning("connecting to PostgreSQL failed", {{"host", endpoint.host},
                                                             {"port", endpoint.port},
                                                             {"dbname", endpoint.dbname},
-                                                            {"error", endpoint.redact(error_message())}});
+                                                            {"error", message}});
             PQfinish(std::exchange(connection_, nullptr));
             return errc::unavailable;
         }
