@@ -544,3 +544,21 @@ TEMPLATE_LIST_TEST_CASE("concurrent updates lose no update", "[storage][threads]
     // Yielding between read and write makes conflicts all but certain on several threads.
     CHECK(conflicts > 0);
 }
+
+TEST_CASE("required stores are built", "[storage]")
+{
+    // Without SQLite or libpq at configure time, CMake leaves that store out of the suite.
+    // A run that requires PostgreSQL, as scripts/test does, must then fail here instead of
+    // passing without those stores.
+    if (!lcm::test::postgres_tests_required()) {
+        SUCCEED("PostgreSQL tests are not required (LCM_TEST_REQUIRE_POSTGRES is not 1)");
+        return;
+    }
+#ifndef LCM_TEST_SQLITE
+    FAIL("lcm-tests was built without SQLite; install libsqlite3-dev and configure again");
+#endif
+#ifndef LCM_TEST_POSTGRES
+    FAIL("lcm-tests was built without libpq; install libpq-dev and configure again");
+#endif
+    SUCCEED("lcm-tests was built with SQLite and PostgreSQL");
+}

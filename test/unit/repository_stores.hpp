@@ -189,6 +189,15 @@ struct sqlite_store {
 };
 #endif
 
+/// Returns whether PostgreSQL tests must run: `LCM_TEST_REQUIRE_POSTGRES=1`, which
+/// `scripts/test` sets, or `CI=true`.
+inline bool postgres_tests_required()
+{
+    const char* required = std::getenv("LCM_TEST_REQUIRE_POSTGRES");
+    const char* ci = std::getenv("CI");
+    return (required && std::string_view(required) == "1") || (ci && std::string_view(ci) == "true");
+}
+
 #ifdef LCM_TEST_POSTGRES
 /// Returns the server that `scripts/postgres-test-server` started, or an empty string.
 inline std::string postgres_test_url()
@@ -197,16 +206,17 @@ inline std::string postgres_test_url()
     return url ? url : "";
 }
 
-/// Returns whether PostgreSQL tests can run. In CI (`CI=true`) a missing server fails the
-/// test, because a green run must include them; elsewhere the test is passed over with a warning.
+/// Returns whether PostgreSQL tests can run. When `postgres_tests_required()`, a missing
+/// server fails the test, because a green run must include them; otherwise the test passes
+/// with a warning, so that a developer can run lcm-tests without a server.
 inline bool require_postgres()
 {
     if (!postgres_test_url().empty()) {
         return true;
     }
-    const char* ci = std::getenv("CI");
-    if (ci && std::string_view(ci) == "true") {
-        FAIL("LCM_TEST_POSTGRES_URL is not set; run the tests through scripts/test, which starts PostgreSQL");
+    if (postgres_tests_required()) {
+        FAIL("LCM_TEST_POSTGRES_URL is not set although LCM_TEST_REQUIRE_POSTGRES=1; run the tests through "
+             "scripts/test, which starts PostgreSQL");
     }
     WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
     return false;
