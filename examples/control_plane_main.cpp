@@ -1,10 +1,10 @@
-// lcm-control-plane: the control plane's HTTP API with in-memory storage. Workers and
-// license intents live until the process ends.
+// lcm-control-plane: the control plane's HTTP API on the store that `--db` names: an
+// SQLite file by default, PostgreSQL for several replicas, or memory.
+#include "database_flag.hpp"
 #include "program_support.hpp"
 
 #include <lcm/application/control_plane.hpp>
 #include <lcm/application/event_sink.hpp>
-#include <lcm/storage/memory_repository.hpp>
 #include <lcm/transport/control_plane_api.hpp>
 #include <lcm/transport/http_server.hpp>
 
@@ -50,6 +50,11 @@ po::options_description make_flags()
          "milliseconds in-flight requests may take after SIGINT or SIGTERM")
         ("max-change-wait", po::value<std::int64_t>()->default_value(api_defaults.max_change_wait.count()),
          "maximum milliseconds a change-feed request may wait")
+        ("db", po::value<std::string>()->default_value(std::string(default_database)),
+         "where workers and license intents are stored: 'memory' (lost on exit), 'sqlite:PATH' (a file, "
+         "created when missing; PATH is relative to the working directory) or 'postgres:CONNINFO' (a libpq "
+         "URL or key=value string, for several replicas; empty to use libpq's PG* variables). A password "
+         "in CONNINFO is never logged, but prefer PGPASSFILE or this flag's variable to the command line")
         ("log-level", po::value<std::string>()->default_value("info"),
          "trace, debug, info, warning, error or off; logs go to stderr");
     // clang-format on
@@ -76,7 +81,7 @@ int run(int argc, char** argv)
     const auto flags = make_flags();
     const auto values = parse_flags(argc, argv, flags, "LCM_CONTROL_PLANE_");
     if (values.count("help")) {
-        print_help(program_name, "Serves the lcm control-plane API with in-memory storage.", flags);
+        print_help(program_name, "Serves the lcm control-plane API and stores its workers as --db says.", flags);
         return 0;
     }
 
@@ -95,7 +100,8 @@ int run(int argc, char** argv)
     api_options.max_change_wait = read_positive_milliseconds(values, "max-change-wait");
     api_options.default_change_wait = std::min(api_options.default_change_wait, api_options.max_change_wait);
 
-    storage::memory_repository repository;
+    const auto database = parse_database_flag(values["db"].as<std::string>());
+    auto repository = open_database(database, log);
     // NOTE: events are dropped; the worker records keep the license state, and the
     // command handlers log every accepted request and every outcome.
     application::null_event_sink sink;
@@ -105,9 +111,10 @@ int run(int argc, char** argv)
     transport::http_server server(context.get_executor(), server_options, api.handler(), log);
     listen_or_throw(server, values["listen"].as<std::string>());
 
-    log.info("control plane starting", {{"listen", values["listen"].as<std::string>()}, {"storage", "memory"}});
+    log.info("control plane starting",
+             {{"listen", values["listen"].as<std::string>()}, {"storage", database.describe()}});
     serve_until_signal(context, server, "http", log);
-    log.info("control plane stopped", {{"workers", std::to_string(repository.size())}});
+    log.info("control plane stopped", {{"storage", database.describe()}});
     return 0;
 }
 
