@@ -1,6 +1,7 @@
 // The contract of `application::worker_repository`, checked against every store kind that
 // this build has: memory, SQLite on a temporary file, and PostgreSQL when
-// LCM_TEST_POSTGRES_URL names a server.
+// LCM_TEST_POSTGRES_URL names a server. Catch2 names each case by the store's index in
+// `store_types`: 0 is memory, 1 SQLite and 2 PostgreSQL when both adapters were built.
 #include "concurrent_tasks.hpp"
 #include "repository_stores.hpp"
 
