@@ -335,11 +335,13 @@ std::string postgres_test_url()
     return url ? url : "";
 }
 
-/// Returns whether a run must include the PostgreSQL tests, as under scripts/test.
+/// Returns whether a run must include the PostgreSQL tests: `LCM_TEST_REQUIRE_POSTGRES=1`,
+/// which scripts/test sets, or `CI=true`, as in the unit tests.
 bool postgres_tests_required()
 {
     const char* required = std::getenv("LCM_TEST_REQUIRE_POSTGRES");
-    return required && std::string_view(required) == "1";
+    const char* ci = std::getenv("CI");
+    return (required && std::string_view(required) == "1") || (ci && std::string_view(ci) == "true");
 }
 
 } // namespace
@@ -441,8 +443,9 @@ TEST_CASE("control plane serves api on postgres", "[integration][postgres]")
     const auto url = postgres_test_url();
     if (url.empty()) {
         if (postgres_tests_required()) {
-            FAIL("LCM_TEST_POSTGRES_URL is not set although LCM_TEST_REQUIRE_POSTGRES=1; run the tests through "
-                 "scripts/test, which starts PostgreSQL");
+            FAIL("LCM_TEST_POSTGRES_URL is not set although PostgreSQL tests are required "
+                 "(LCM_TEST_REQUIRE_POSTGRES=1 or CI=true); run the tests through scripts/test, which starts "
+                 "PostgreSQL");
         }
         WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
         return;

@@ -215,8 +215,8 @@ inline bool require_postgres()
         return true;
     }
     if (postgres_tests_required()) {
-        FAIL("LCM_TEST_POSTGRES_URL is not set although LCM_TEST_REQUIRE_POSTGRES=1; run the tests through "
-             "scripts/test, which starts PostgreSQL");
+        FAIL("LCM_TEST_POSTGRES_URL is not set although PostgreSQL tests are required (LCM_TEST_REQUIRE_POSTGRES=1 "
+             "or CI=true); run the tests through scripts/test, which starts PostgreSQL");
     }
     WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
     return false;
