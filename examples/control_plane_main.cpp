@@ -1,11 +1,11 @@
-// lcm-control-plane: the control plane's HTTP API with in-memory storage. Workers and
-// license intents live until the process ends.
+// lcm-control-plane: the control plane's HTTP API on the store that `--db` names: an
+// SQLite file by default, PostgreSQL for several replicas, or memory.
+#include "database_flag.hpp"
 #include "program_support.hpp"
 
 #include <lcm/application/control_plane.hpp>
 #include <lcm/application/logging_event_sink.hpp>
 #include <lcm/metrics.hpp>
-#include <lcm/storage/memory_repository.hpp>
 #include <lcm/transport/control_plane_api.hpp>
 #include <lcm/transport/http_metrics.hpp>
 #include <lcm/transport/http_server.hpp>
@@ -53,6 +53,11 @@ po::options_description make_flags()
          "milliseconds in-flight requests may take after SIGINT or SIGTERM")
         ("max-change-wait", po::value<std::int64_t>()->default_value(api_defaults.max_change_wait.count()),
          "maximum milliseconds a change-feed request may wait")
+        ("db", po::value<std::string>()->default_value(std::string(default_database)),
+         "where workers and license intents are stored: 'memory' (lost on exit), 'sqlite:PATH' (a file, "
+         "created when missing; PATH is relative to the working directory) or 'postgres:CONNINFO' (a libpq "
+         "URL or key=value string, for several replicas; empty to use libpq's PG* variables). A password "
+         "in CONNINFO is never logged, but prefer PGPASSFILE or this flag's variable to the command line")
         ("log-level", po::value<std::string>()->default_value("info"),
          "trace, debug, info, warning, error or off; logs go to stderr");
     // clang-format on
@@ -79,7 +84,7 @@ int run(int argc, char** argv)
     const auto flags = make_flags();
     const auto values = parse_flags(argc, argv, flags, "LCM_CONTROL_PLANE_");
     if (values.count("help")) {
-        print_help(program_name, "Serves the lcm control-plane API with in-memory storage.", flags);
+        print_help(program_name, "Serves the lcm control-plane API and stores its workers as --db says.", flags);
         return 0;
     }
 
@@ -103,7 +108,8 @@ int run(int argc, char** argv)
     api_options.on_request = transport::make_request_metrics_observer(registry);
     api_options.metrics_text = [registry] { return registry->text(); };
 
-    storage::memory_repository repository;
+    const auto database = parse_database_flag(values["db"].as<std::string>());
+    auto repository = open_database(database, log);
     // Every domain event becomes one log line, which gives operators each worker's timeline.
     application::logging_event_sink sink(log, registry);
     application::control_plane plane(repository, sink, log);
@@ -112,9 +118,10 @@ int run(int argc, char** argv)
     transport::http_server server(context.get_executor(), server_options, api.handler(), log);
     listen_or_throw(server, values["listen"].as<std::string>());
 
-    log.info("control plane starting", {{"listen", values["listen"].as<std::string>()}, {"storage", "memory"}});
+    log.info("control plane starting",
+             {{"listen", values["listen"].as<std::string>()}, {"storage", database.describe()}});
     serve_until_signal(context, server, "http", log);
-    log.info("control plane stopped", {{"workers", std::to_string(repository.size())}});
+    log.info("control plane stopped", {{"storage", database.describe()}});
     return 0;
 }
 

@@ -15,7 +15,10 @@
 #include <csignal>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace lcm;
 using namespace lcm::test;
@@ -109,8 +112,9 @@ TEST_CASE("control plane program serves api", "[integration]")
     secret_files files;
     const auto api_key_file = files.write("api-key", api_key + "\n");
     const auto admin_token_file = files.write("admin-token", admin_token + "\n");
+    const auto database = "sqlite:" + files.path("workers.db");
     child_process child(LCM_CONTROL_PLANE_PROGRAM, {"--listen", "127.0.0.1:0", "--api-key-file", api_key_file,
-                                                    "--admin-token-file", admin_token_file});
+                                                    "--admin-token-file", admin_token_file, "--db", database});
     const auto port = read_port(child);
 
     asio::io_context context;
@@ -224,6 +228,190 @@ TEST_CASE("control plane rejects empty key file", "[integration]")
     CHECK(*status == 2);
     CHECK(absent.standard_error().find("missing --admin-token-file") != std::string::npos);
     check_output_free_of(absent, {api_key});
+}
+
+namespace {
+
+/// The files and flags of one lcm-control-plane on a database.
+struct control_plane_files {
+    secret_files files;
+    std::string api_key_file = files.write("api-key", api_key + "\n");
+    std::string admin_token_file = files.write("admin-token", admin_token + "\n");
+
+    std::vector<std::string> flags() const
+    {
+        return {"--listen", "127.0.0.1:0", "--api-key-file", api_key_file, "--admin-token-file", admin_token_file};
+    }
+};
+
+/// Adds worker `id` through the admin API and returns the response status.
+http::status add_worker(unsigned short port, const std::string& id)
+{
+    asio::io_context context;
+    const auto body = R"({"id": ")" + id + R"(", "name": "lab", "cml_url": "https://127.0.0.1:9443"})";
+    auto request = make_admin_request(http::verb::post, "/api/workers", body);
+    auto response = testing::run_with_timeout(context, send(port, std::move(request)));
+    return response.result();
+}
+
+/// Reads worker `id` through the admin API and returns the response status.
+http::status get_worker(unsigned short port, const std::string& id)
+{
+    asio::io_context context;
+    auto request = make_admin_request(http::verb::get, "/api/workers/" + id);
+    auto response = testing::run_with_timeout(context, send(port, std::move(request)));
+    return response.result();
+}
+
+/// Returns the PostgreSQL server that scripts/test started, or an empty string.
+std::string postgres_test_url()
+{
+    const char* url = std::getenv("LCM_TEST_POSTGRES_URL");
+    return url ? url : "";
+}
+
+/// Returns whether a run must include the PostgreSQL tests: `LCM_TEST_REQUIRE_POSTGRES=1`,
+/// which scripts/test sets, or `CI=true`, as in the unit tests.
+bool postgres_tests_required()
+{
+    const char* required = std::getenv("LCM_TEST_REQUIRE_POSTGRES");
+    const char* ci = std::getenv("CI");
+    return (required && std::string_view(required) == "1") || (ci && std::string_view(ci) == "true");
+}
+
+} // namespace
+
+TEST_CASE("control plane keeps workers in sqlite", "[integration]")
+{
+    control_plane_files setup;
+    const auto path = setup.files.path("workers.db");
+    // The database comes from the environment variable, the rest from flags.
+    const std::vector<std::string> environment = {"LCM_CONTROL_PLANE_DB=sqlite:" + path};
+
+    {
+        child_process first(LCM_CONTROL_PLANE_PROGRAM, setup.flags(), environment);
+        const auto port = read_port(first);
+        CHECK(add_worker(port, "w1") == http::status::created);
+        stop_cleanly(first);
+        CHECK(first.standard_error().find("storage=sqlite:" + path) != std::string::npos);
+    }
+    CHECK(std::filesystem::exists(path));
+
+    child_process second(LCM_CONTROL_PLANE_PROGRAM, setup.flags(), environment);
+    const auto port = read_port(second);
+    CHECK(get_worker(port, "w1") == http::status::ok);
+    CHECK(add_worker(port, "w1") == http::status::conflict);
+    stop_cleanly(second);
+}
+
+TEST_CASE("control plane memory store starts empty", "[integration]")
+{
+    control_plane_files setup;
+    auto flags = setup.flags();
+    flags.insert(flags.end(), {"--db", "memory"});
+
+    for (int run = 0; run < 2; ++run) {
+        INFO("run " << run);
+        child_process child(LCM_CONTROL_PLANE_PROGRAM, flags);
+        const auto port = read_port(child);
+        CHECK(add_worker(port, "w1") == http::status::created);
+        stop_cleanly(child);
+        CHECK(child.standard_error().find("storage=memory") != std::string::npos);
+    }
+}
+
+TEST_CASE("control plane rejects bad db values", "[integration]")
+{
+    control_plane_files setup;
+    const std::string password = "db-Passw0rd-77c1";
+    struct bad_value {
+        std::string value;
+        std::string message;
+    };
+    const std::vector<bad_value> cases = {
+        {"sqlite:", "the file path is missing"},
+        {"mysql://lcm:" + password + "@127.0.0.1/lcm", "invalid --db value of kind 'mysql'"},
+        {"host=127.0.0.1 password=" + password, "invalid --db value;"},
+        {"", "invalid --db value;"},
+    };
+    for (const auto& [value, message] : cases) {
+        INFO("--db " << value);
+        auto flags = setup.flags();
+        flags.insert(flags.end(), {"--db", value});
+        child_process child(LCM_CONTROL_PLANE_PROGRAM, flags);
+        const auto status = child.wait_for_exit(exit_timeout);
+        REQUIRE(status);
+        CHECK(*status == 2);
+        INFO("stderr: " << child.standard_error());
+        CHECK(child.standard_error().find(message) != std::string::npos);
+        check_output_free_of(child, {password});
+    }
+}
+
+TEST_CASE("control plane hides the db password", "[integration]")
+{
+    control_plane_files setup;
+    const std::string password = "db-Passw0rd-3e8f";
+    // Nothing listens on port 1 of 127.0.0.1. The second URL is one that libpq cannot parse,
+    // and libpq's own message about it would quote the password.
+    const std::vector<std::string> values = {
+        "postgres:postgresql://lcm:" + password + "@127.0.0.1:1/lcm",
+        "postgresql://lcm:" + password + "@[::1",
+        "postgres:host=127.0.0.1 port=1 user=lcm password=" + password + " dbname=lcm",
+    };
+    for (const auto& value : values) {
+        INFO("--db " << value);
+        auto flags = setup.flags();
+        flags.insert(flags.end(), {"--db", value, "--log-level", "trace"});
+        child_process child(LCM_CONTROL_PLANE_PROGRAM, flags);
+        const auto status = child.wait_for_exit(exit_timeout);
+        REQUIRE(status);
+        CHECK(*status == 1);
+        INFO("stderr: " << child.standard_error());
+        CHECK(child.standard_error().find("opening the PostgreSQL database failed") != std::string::npos);
+        check_output_free_of(child, {password});
+    }
+}
+
+TEST_CASE("control plane serves api on postgres", "[integration][postgres]")
+{
+    const auto url = postgres_test_url();
+    if (url.empty()) {
+        if (postgres_tests_required()) {
+            FAIL("LCM_TEST_POSTGRES_URL is not set although PostgreSQL tests are required "
+                 "(LCM_TEST_REQUIRE_POSTGRES=1 or CI=true); run the tests through scripts/test, which starts "
+                 "PostgreSQL");
+        }
+        WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
+        return;
+    }
+    const auto parsed = boost::urls::parse_uri(url);
+    REQUIRE(parsed);
+    const auto password = parsed->password();
+    REQUIRE(password.size() >= 8);
+    control_plane_files setup;
+    // Tables go to the test database's default schema, which other runs may share, so the
+    // worker id is new for every run.
+    const auto id = "w-" + std::to_string(::getpid()) + "-" +
+                    std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
+    auto flags = setup.flags();
+    flags.insert(flags.end(), {"--db", "postgres:" + url});
+
+    {
+        child_process first(LCM_CONTROL_PLANE_PROGRAM, flags);
+        const auto port = read_port(first);
+        CHECK(add_worker(port, id) == http::status::created);
+        stop_cleanly(first);
+        CHECK(first.standard_error().find("storage=postgres") != std::string::npos);
+        check_output_free_of(first, {password});
+    }
+
+    // A second process on the same database reads the worker, so the state is in PostgreSQL.
+    child_process second(LCM_CONTROL_PLANE_PROGRAM, flags);
+    const auto port = read_port(second);
+    CHECK(get_worker(port, id) == http::status::ok);
+    stop_cleanly(second);
+    check_output_free_of(second, {password, api_key, admin_token});
 }
 
 #endif

@@ -50,6 +50,9 @@ public:
         return path.string();
     }
 
+    /// Returns the path of `name` in the directory, without creating the file.
+    std::string path(const std::string& name) const { return (directory_ / name).string(); }
+
 private:
     std::filesystem::path directory_;
 };

@@ -64,8 +64,9 @@ struct program_setup {
 
     std::unique_ptr<child_process> start_control_plane() const
     {
-        const std::vector<std::string> arguments{"--listen", "127.0.0.1:0", "--api-key-file", api_key_file,
-                                                 "--admin-token-file", admin_token_file};
+        const std::vector<std::string> arguments{"--listen",         "127.0.0.1:0",    "--api-key-file",
+                                                 api_key_file,       "--admin-token-file", admin_token_file,
+                                                 "--db",             "sqlite:" + files.path("control-plane.db")};
         return std::make_unique<child_process>(LCM_CONTROL_PLANE_PROGRAM, arguments);
     }
 

@@ -1,6 +1,11 @@
+// The contract of `application::worker_repository`, checked against every store kind that
+// this build has: memory, SQLite on a temporary file, and PostgreSQL when
+// LCM_TEST_POSTGRES_URL names a server. Catch2 names each case by the store's index in
+// `store_types`: 0 is memory, 1 SQLite and 2 PostgreSQL when both adapters were built.
 #include "concurrent_tasks.hpp"
+#include "repository_stores.hpp"
 
-#include <lcm/storage/memory_repository.hpp>
+#include <lcm/application/worker_repository.hpp>
 #include <lcm/testing/run.hpp>
 
 #include <boost/asio/experimental/awaitable_operators.hpp>
@@ -21,7 +26,7 @@ namespace {
 using lcm::errc;
 using lcm::result;
 using lcm::domain::cml_worker;
-using lcm::storage::memory_repository;
+using lcm::test::store_types;
 using boost::asio::awaitable;
 using boost::asio::use_awaitable;
 
@@ -50,7 +55,8 @@ std::vector<std::string> ids_of(const std::vector<cml_worker>& workers)
 }
 
 /// Adds a worker with the given id and returns the stored copy.
-awaitable<cml_worker> add_stored(memory_repository& repository, std::string id)
+template <lcm::application::worker_repository Repository>
+awaitable<cml_worker> add_stored(Repository& repository, std::string id)
 {
     auto worker = make_worker(std::move(id));
     auto added = co_await repository.add(worker);
@@ -62,8 +68,8 @@ awaitable<cml_worker> add_stored(memory_repository& repository, std::string id)
 }
 
 /// Loads a stored worker, applies `change` and saves it with the version it read.
-template <class Change>
-awaitable<result<std::uint64_t>> load_change_save(memory_repository& repository, std::string id, Change change)
+template <lcm::application::worker_repository Repository, class Change>
+awaitable<result<std::uint64_t>> load_change_save(Repository& repository, std::string id, Change change)
 {
     auto loaded = co_await repository.get(id);
     if (!loaded) {
@@ -75,12 +81,27 @@ awaitable<result<std::uint64_t>> load_change_save(memory_repository& repository,
     co_return saved;
 }
 
+/// Returns the number of stored workers, read through `list`.
+template <lcm::application::worker_repository Repository>
+std::size_t count_workers(boost::asio::io_context& context, Repository& repository)
+{
+    auto listed = lcm::testing::run_with_timeout(context, repository.list("", 1000));
+    if (!listed) {
+        throw std::runtime_error("listing workers failed: " + listed.error().message());
+    }
+    return listed.value().size();
+}
+
 } // namespace
 
-TEST_CASE("repository gets an added worker", "[storage]")
+TEMPLATE_LIST_TEST_CASE("repository gets an added worker", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     const auto worker = make_worker("w-1");
 
     struct observed {
@@ -104,13 +125,40 @@ TEST_CASE("repository gets an added worker", "[storage]")
     CHECK(seen.stored.value().cml_url() == worker.cml_url());
     CHECK(seen.stored.value().created_at() == worker.created_at());
     CHECK(seen.unknown.error() == errc::not_found);
-    CHECK(repository.size() == 1);
+    CHECK(count_workers(context, repository) == 1);
 }
 
-TEST_CASE("repository rejects a duplicate id", "[storage]")
+TEMPLATE_LIST_TEST_CASE("repository keeps every field", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
+
+    // A pending registration carries a token, which the record form keeps in clear text.
+    auto worker = make_worker("w-1");
+    REQUIRE(worker.request_license_registration(lcm::secret("TOKEN-1"), false, "admin", at_second(5)));
+    REQUIRE(lcm::testing::run_with_timeout(context, repository.add(worker)));
+    auto stored = lcm::testing::run_with_timeout(context, repository.get("w-1"));
+
+    REQUIRE(stored);
+    auto expected = worker.state();
+    expected.version = 1;
+    CHECK(stored.value().state() == expected);
+    REQUIRE(stored.value().license().pending_token().has_value());
+    CHECK(stored.value().license().pending_token()->reveal() == "TOKEN-1");
+}
+
+TEMPLATE_LIST_TEST_CASE("repository rejects a duplicate id", "[storage]", store_types)
+{
+    boost::asio::io_context context;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     const auto first = make_worker("w-1");
     const auto second = cml_worker::create("w-1", "other lab", "https://other.example.test",
                                            lcm::domain::worker_status::stopped, "admin")
@@ -122,16 +170,20 @@ TEST_CASE("repository rejects a duplicate id", "[storage]")
 
     REQUIRE(added);
     CHECK(duplicate.error() == errc::already_exists);
-    CHECK(repository.size() == 1);
+    CHECK(count_workers(context, repository) == 1);
     REQUIRE(stored);
     CHECK(stored.value().name() == "lab");
     CHECK(stored.value().version() == 1);
 }
 
-TEST_CASE("repository update checks the version", "[storage]")
+TEMPLATE_LIST_TEST_CASE("repository update checks the version", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     auto stored = lcm::testing::run_with_timeout(context, add_stored(repository, "w-1"));
 
     auto fresh = stored;
@@ -154,7 +206,7 @@ TEST_CASE("repository update checks the version", "[storage]")
     REQUIRE(reloaded);
     CHECK(reloaded.value().version() == 2);
     CHECK(reloaded.value().status() == lcm::domain::worker_status::draining);
-    CHECK(repository.size() == 1);
+    CHECK(count_workers(context, repository) == 1);
 
     auto next = reloaded.value();
     next.change_status(lcm::domain::worker_status::stopped, "admin");
@@ -163,10 +215,14 @@ TEST_CASE("repository update checks the version", "[storage]")
     CHECK(saved_again.value() == 3);
 }
 
-TEST_CASE("repository stores no pending events", "[storage]")
+TEMPLATE_LIST_TEST_CASE("repository stores no pending events", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     const auto created = make_worker("w-1");
     REQUIRE(created.events().size() == 1);
 
@@ -189,10 +245,14 @@ TEST_CASE("repository stores no pending events", "[storage]")
     CHECK(changed.events().size() == 1);
 }
 
-TEST_CASE("repository lists pages by id", "[storage]")
+TEMPLATE_LIST_TEST_CASE("repository lists pages by id", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     for (const char* id : {"d", "b", "e", "a", "c"}) {
         lcm::testing::run_with_timeout(context, add_stored(repository, id));
     }
@@ -214,10 +274,14 @@ TEST_CASE("repository lists pages by id", "[storage]")
     CHECK(page("bb", 2) == ids{"c", "d"});
 }
 
-TEST_CASE("pending list orders oldest request first", "[storage]")
+TEMPLATE_LIST_TEST_CASE("pending list orders oldest request first", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     for (const char* id : {"a", "b", "c", "idle"}) {
         lcm::testing::run_with_timeout(context, add_stored(repository, id));
     }
@@ -243,7 +307,7 @@ TEST_CASE("pending list orders oldest request first", "[storage]")
     CHECK(pending(10) == ids{"c", "b", "a"});
     CHECK(pending(2) == ids{"c", "b"});
     CHECK(pending(0).empty());
-    CHECK(repository.pending_count() == 3);
+    CHECK(pending(100).size() == 3);
 
     SECTION("a completed operation leaves the list")
     {
@@ -254,7 +318,7 @@ TEST_CASE("pending list orders oldest request first", "[storage]")
         }));
         REQUIRE(saved);
         CHECK(pending(10) == ids{"b", "a"});
-        CHECK(repository.pending_count() == 2);
+        CHECK(pending(100).size() == 2);
     }
 
     SECTION("a failed operation leaves the list")
@@ -264,7 +328,7 @@ TEST_CASE("pending list orders oldest request first", "[storage]")
         }));
         REQUIRE(saved);
         CHECK(pending(10) == ids{"c", "a"});
-        CHECK(repository.pending_count() == 2);
+        CHECK(pending(100).size() == 2);
     }
 
     SECTION("a started operation stays in its place")
@@ -274,7 +338,7 @@ TEST_CASE("pending list orders oldest request first", "[storage]")
         }));
         REQUIRE(saved);
         CHECK(pending(10) == ids{"c", "b", "a"});
-        CHECK(repository.pending_count() == 3);
+        CHECK(pending(100).size() == 3);
     }
 
     SECTION("a new request goes to the end")
@@ -286,14 +350,18 @@ TEST_CASE("pending list orders oldest request first", "[storage]")
         }));
         REQUIRE(saved);
         CHECK(pending(10) == ids{"b", "a", "c"});
-        CHECK(repository.pending_count() == 3);
+        CHECK(pending(100).size() == 3);
     }
 }
 
-TEST_CASE("change sequence counts committed changes", "[storage]")
+TEMPLATE_LIST_TEST_CASE("change sequence counts committed changes", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     CHECK(repository.change_sequence() == 0);
 
     auto stored = lcm::testing::run_with_timeout(context, add_stored(repository, "w-1"));
@@ -318,10 +386,14 @@ TEST_CASE("change sequence counts committed changes", "[storage]")
     CHECK(repository.change_sequence() == 2);
 }
 
-TEST_CASE("change wait returns when already past", "[storage]")
+TEMPLATE_LIST_TEST_CASE("change wait returns when already past", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     lcm::testing::run_with_timeout(context, add_stored(repository, "w-1"));
     lcm::testing::run_with_timeout(context, add_stored(repository, "w-2"));
 
@@ -334,10 +406,14 @@ TEST_CASE("change wait returns when already past", "[storage]")
     CHECK(from_one.value() == 2);
 }
 
-TEST_CASE("change wait wakes on a later change", "[storage]")
+TEMPLATE_LIST_TEST_CASE("change wait wakes on a later change", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     auto stored = lcm::testing::run_with_timeout(context, add_stored(repository, "w-1"));
     const auto before = repository.change_sequence();
 
@@ -366,10 +442,14 @@ TEST_CASE("change wait wakes on a later change", "[storage]")
     CHECK(woken->value() == before + 1);
 }
 
-TEST_CASE("change wait ends on cancellation", "[storage]")
+TEMPLATE_LIST_TEST_CASE("change wait ends on cancellation", "[storage]", store_types)
 {
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     auto stored = lcm::testing::run_with_timeout(context, add_stored(repository, "w-1"));
     const auto before = repository.change_sequence();
 
@@ -397,14 +477,18 @@ TEST_CASE("change wait ends on cancellation", "[storage]")
     CHECK(next.value() == before + 1);
 }
 
-TEST_CASE("concurrent updates lose no update", "[storage][threads]")
+TEMPLATE_LIST_TEST_CASE("concurrent updates lose no update", "[storage][threads]", store_types)
 {
     constexpr int thread_count = 4;
     constexpr int writer_count = 8;
-    constexpr int updates_per_writer = 200;
+    constexpr int updates_per_writer = TestType::updates_per_writer;
 
     boost::asio::io_context context;
-    memory_repository repository;
+    auto store = TestType::open(context);
+    if (!store) {
+        return;
+    }
+    auto& repository = store->repository();
     const auto counter = cml_worker::create("w-1", "0", "https://cml.example.test",
                                             lcm::domain::worker_status::running, "admin")
                              .value();
@@ -460,4 +544,22 @@ TEST_CASE("concurrent updates lose no update", "[storage][threads]")
     CHECK(repository.change_sequence() == static_cast<std::uint64_t>(saved.load()) + 1);
     // Yielding between read and write makes conflicts all but certain on several threads.
     CHECK(conflicts > 0);
+}
+
+TEST_CASE("required stores are built", "[storage]")
+{
+    // Without SQLite or libpq at configure time, CMake leaves that store out of the suite.
+    // A run that requires PostgreSQL, as scripts/test does, must then fail here instead of
+    // passing without those stores.
+    if (!lcm::test::postgres_tests_required()) {
+        SUCCEED("PostgreSQL tests are not required (LCM_TEST_REQUIRE_POSTGRES is not 1)");
+        return;
+    }
+#ifndef LCM_TEST_SQLITE
+    FAIL("lcm-tests was built without SQLite; install libsqlite3-dev and configure again");
+#endif
+#ifndef LCM_TEST_POSTGRES
+    FAIL("lcm-tests was built without libpq; install libpq-dev and configure again");
+#endif
+    SUCCEED("lcm-tests was built with SQLite and PostgreSQL");
 }
