@@ -11,6 +11,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <variant>
 #include <vector>
 
 using namespace license_test;
@@ -40,7 +41,7 @@ lcm::controller::license_controller_options options_for(const license_fixture& f
     options.license.controller_id = id;
     options.license.lease = lease;
     // The control plane stamps requests with the real clock while the test advances the
-    // controller's wall clock; the test advances far less than a day.
+    // controller's wall clock, but the test advances far less than a day.
     options.license.decision.operation_deadline = 24h;
     return options;
 }
@@ -57,6 +58,17 @@ awaitable<std::vector<std::string>> claims_of(license_fixture& fixture, const st
         }
     }
     co_return held;
+}
+
+/// Returns how many claims `holder` took, as the published events record them.
+std::size_t claims_by(license_fixture& fixture, const std::string& holder)
+{
+    std::size_t count = 0;
+    for (const auto& event : fixture.sink.events()) {
+        const auto* claimed = std::get_if<lcm::domain::license_operation_claimed>(&event);
+        count += claimed && claimed->holder == holder ? 1 : 0;
+    }
+    return count;
 }
 
 /// Returns how many of `ids` have a pending operation still claimed by `holder`.
@@ -81,11 +93,15 @@ TEST_CASE("controllers share claims and take over", "[license][claim]")
     // Registrations stay IN_PROGRESS at CML across several polls, so a stopped controller
     // leaves started operations behind.
     cml_options.registration_delay = 4s;
+    // Each CML call waits on a real timer, so a controller's reconciles suspend after they
+    // claimed, and the other controller claims the workers that wait in the queue meanwhile.
+    cml_options.faults.latency = std::chrono::microseconds(1);
     license_fixture fixture(cml_options);
     auto first = fixture.make_controller(options_for(fixture, "controller-a"));
     auto second = fixture.make_controller(options_for(fixture, "controller-b"));
 
     std::vector<std::string> left_by_first;
+    std::size_t claimed_by_second_before_stop = 0;
     lcm::timestamp first_stopped_at{};
     lcm::timestamp taken_over_at{};
 
@@ -113,6 +129,7 @@ TEST_CASE("controllers share claims and take over", "[license][claim]")
             }
             fixture.advance(100ms);
         }
+        claimed_by_second_before_stop = claims_by(fixture, "controller-b");
         first->request_stop();
         co_await settle();
         left_by_first = co_await claims_of(fixture, "controller-a");
@@ -144,6 +161,8 @@ TEST_CASE("controllers share claims and take over", "[license][claim]")
     }());
 
     INFO("claims left by the first controller: " << left_by_first.size());
+    CHECK(claimed_by_second_before_stop > 0);
+    CHECK(left_by_first.size() < static_cast<std::size_t>(worker_count));
     CHECK(taken_over_at != lcm::timestamp{});
     // Each claim expires at most one lease after the stop. The second controller retries at
     // the expiry plus its 500 ms margin, and the clock moves in steps of 100 ms.
