@@ -121,7 +121,9 @@ inline domain::registration_details registration_details_of(const cml_licensing_
 /// `decide_registration`). So it is level-triggered: after a crash or a takeover it resumes
 /// from what CML reports. Every report carries the claim's fence. While another controller
 /// holds an unexpired claim, the key is requeued for when that claim expires, plus
-/// `takeover_margin`, without calling CML. It records `start` before the first mutating call to CML, completes a
+/// `takeover_margin`, without calling CML.
+///
+/// It records `start` before the first mutating call to CML, completes a
 /// registration only when CML reports COMPLETED, and requeues after `poll_interval` while CML
 /// is still working, without holding a concurrency slot. Transient errors are returned as
 /// retries, so the reconciler backs off; permanent ones fail the operation at once.

@@ -236,7 +236,7 @@ public:
     /// at every reconcile changes the worker about once per half lease. Fails with
     /// `invalid_argument` for an empty or over-long holder or a lease that is not positive,
     /// `not_found` when no operation is pending, and `claimed` while another holder's claim is
-    /// unexpired; `license().claim_holder()` and `license().claim_expires_at()` then name that
+    /// unexpired. `license().claim_holder()` and `license().claim_expires_at()` then name that
     /// claim.
     result<std::uint64_t> claim_license_operation(std::string_view holder, std::chrono::microseconds lease,
                                                   timestamp now = now_utc())
