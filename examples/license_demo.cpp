@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/program_options.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <exception>
@@ -156,6 +157,8 @@ int main(int argc, char** argv)
 
         lcm::controller::license_controller_options options;
         options.license.poll_interval = std::chrono::milliseconds(arguments["poll-interval-ms"].as<int>());
+        // The lease must be more than twice the poll interval, also for long intervals.
+        options.license.lease = std::max(options.license.lease, 3 * options.license.poll_interval);
         controller_type controller(context.get_executor(), cml_client, client, options);
 
         std::exception_ptr failure;

@@ -58,6 +58,12 @@ po::options_description make_flags()
          "seconds after its request at which a license operation fails with a timeout")
         ("resync-period", po::value<std::int64_t>()->default_value(600),
          "seconds between two full listings of pending operations")
+        ("controller-id", po::value<std::string>()->default_value(""),
+         "id under which this controller claims operations; it must differ between controllers. "
+         "Empty: HOSTNAME-PID-RANDOM")
+        ("lease", po::value<std::int64_t>()->default_value(30000),
+         "milliseconds a claim on an operation lasts without renewal, and so how soon another controller "
+         "takes over the operations of a controller that stopped; more than twice --poll-interval")
         ("threads", po::value<std::size_t>()->default_value(1), "number of I/O threads")
         ("metrics-listen", po::value<std::string>()->default_value("127.0.0.1:8081"),
          "ADDRESS:PORT of the server of GET /metrics and GET /health; port 0 picks a free port. "
@@ -146,6 +152,20 @@ int run(int argc, char** argv)
     controller::license_controller_options options;
     options.license.poll_interval = std::chrono::milliseconds(read_positive(values, "poll-interval"));
     options.license.decision.operation_deadline = std::chrono::seconds(read_positive(values, "operation-deadline"));
+    options.license.lease = std::chrono::milliseconds(read_positive(values, "lease"));
+    if (options.license.lease <= 2 * options.license.poll_interval) {
+        throw usage_error("--lease (" + std::to_string(options.license.lease.count()) +
+                          " ms) must be more than twice --poll-interval (" +
+                          std::to_string(options.license.poll_interval.count()) + " ms)");
+    }
+    options.license.controller_id = values["controller-id"].as<std::string>();
+    if (options.license.controller_id.empty()) {
+        options.license.controller_id = controller::default_controller_id();
+    }
+    if (options.license.controller_id.size() > domain::max_claim_holder_length) {
+        throw usage_error("--controller-id must be at most " + std::to_string(domain::max_claim_holder_length) +
+                          " characters");
+    }
     options.license.log = log;
     options.reconciler.max_concurrent_reconciles = values["concurrency"].as<std::size_t>();
     options.reconciler.resync_period = std::chrono::seconds(read_positive(values, "resync-period"));
@@ -179,6 +199,8 @@ int run(int argc, char** argv)
     });
 
     log.info("worker-controller starting", {{"control_plane", values["control-plane"].as<std::string>()},
+                                            {"controller_id", options.license.controller_id},
+                                            {"lease_ms", std::to_string(options.license.lease.count())},
                                             {"concurrency", std::to_string(options.reconciler.max_concurrent_reconciles)},
                                             {"metrics_listen", metrics_listen}});
     std::exception_ptr failure;
@@ -208,7 +230,8 @@ int run(int argc, char** argv)
     if (metrics_failure) {
         std::rethrow_exception(metrics_failure);
     }
-    // Operations left pending stay recorded in the control plane; the next controller takes them.
+    // Operations left pending stay recorded in the control plane, with this controller's
+    // claims; another controller takes them over once the claims expire.
     log.info("worker-controller stopped", {{"left_pending", std::to_string(left_pending)}});
     return 0;
 }

@@ -46,12 +46,15 @@ enum class errc {
     unavailable,
     /// An operation did not finish before its deadline.
     timeout,
-    /// The caller holds no valid claim (lease) on the operation.
+    /// A start, completion or failure carries a fence other than the current claim's: another
+    /// controller took the operation over, or the caller never claimed it.
     claim_lost,
     /// A peer sent a response that breaks its contract.
     protocol_error,
     /// The operation was cancelled, for example by a stop request.
     cancelled,
+    /// Another controller holds an unexpired claim on the operation.
+    claimed,
 };
 
 namespace detail {
@@ -85,9 +88,10 @@ public:
         case errc::unsupported_media_type: return "unsupported media type; send application/json";
         case errc::unavailable: return "service unavailable";
         case errc::timeout: return "timed out";
-        case errc::claim_lost: return "claim on the operation is missing or expired";
+        case errc::claim_lost: return "fence is not the current claim's: the operation was claimed by another controller";
         case errc::protocol_error: return "peer violated the protocol";
         case errc::cancelled: return "cancelled";
+        case errc::claimed: return "another controller holds an unexpired claim on the operation";
         }
         return "unknown lcm error";
     }
@@ -141,6 +145,7 @@ inline int http_status(const boost::system::error_code& error) noexcept
     case errc::claim_lost: return 409;
     case errc::protocol_error: return 502;
     case errc::cancelled: return 503;
+    case errc::claimed: return 409;
     }
     return 500;
 }
@@ -172,6 +177,7 @@ inline const char* error_name(const boost::system::error_code& error) noexcept
     case errc::claim_lost: return "claim_lost";
     case errc::protocol_error: return "protocol_error";
     case errc::cancelled: return "cancelled";
+    case errc::claimed: return "claimed";
     }
     return "internal";
 }

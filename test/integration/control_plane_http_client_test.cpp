@@ -1,7 +1,9 @@
 // The control-plane HTTP client against the real server and against failing servers:
-// the task lifecycle, the change feed, connection reuse, retries, timeouts and cancellation.
+// the task lifecycle, claims, the change feed, connection reuse, retries, timeouts and
+// cancellation.
 #include "http_test_support.hpp"
 
+#include <lcm/testing/fake_cml.hpp>
 #include <lcm/transport/control_plane_http_client.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -14,9 +16,12 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 
 using namespace lcm;
 using namespace lcm::test;
+using namespace std::chrono_literals;
+using http::verb;
 using transport::control_plane_http_client;
 using transport::control_plane_http_client_options;
 
@@ -59,6 +64,22 @@ asio::awaitable<result<application::operation_accepted>> request_registration(pl
     secret token(license_token);
     std::string caller = "test";
     co_return co_await plane.request_registration(std::move(worker_id), std::move(token), false, std::move(caller));
+}
+
+application::control_plane_options claim_clock(testing::manual_clock& clock)
+{
+    application::control_plane_options options;
+    options.clock = clock.function();
+    return options;
+}
+
+/// Posts a claim. The parameters are views of literals, because g++ 12 mishandles
+/// temporaries with destructors, such as strings built from literals, inside co_await.
+asio::awaitable<http_response> post_claim(unsigned short port, std::string_view worker_id, std::string_view body)
+{
+    auto request = make_request(verb::post, "/api/internal/workers/" + std::string(worker_id) + "/license/claim",
+                                credentials::internal, std::string(body));
+    co_return co_await send(port, std::move(request));
 }
 
 } // namespace
@@ -418,5 +439,141 @@ TEST_CASE("client enforces response size limit", "[integration]")
         auto tasks = co_await client.list_pending(10);
         CHECK(tasks.error() == errc::protocol_error);
         co_await f.server.stop();
+    }());
+}
+
+// Claims over HTTP: claim, 409 while another controller holds the claim, takeover after
+// expiry, and step reports with a stale fence. Claims are timed with a manual clock.
+
+TEST_CASE("claim route grants and rejects", "[integration][claim]")
+{
+    testing::manual_clock clock;
+    served_control_plane f({}, test_api_options(), claim_clock(clock));
+
+    run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
+        const auto port = f.server.port();
+        co_await f.add_worker("w1");
+
+        auto idle = co_await post_claim(port, "w1", R"({"holder":"controller-a","lease_seconds":30})");
+        CHECK(idle.result_int() == 404);
+        auto unknown = co_await post_claim(port, "w9", R"({"holder":"controller-a","lease_seconds":30})");
+        CHECK(unknown.result_int() == 404);
+
+        auto accepted = co_await request_registration(f.plane);
+        REQUIRE(accepted);
+
+        auto granted = co_await post_claim(port, "w1", R"({"holder":"controller-a","lease_seconds":30})");
+        REQUIRE(granted.result_int() == 200);
+        const auto answer = json_of(granted);
+        const auto& task = answer.at("task").as_object();
+        CHECK(task.at("fence") == 1);
+        CHECK(task.at("claim_holder") == "controller-a");
+        CHECK(task.at("claim_expires_at").as_string() == format_timestamp(clock.now() + 30s));
+        CHECK(task.at("token").as_string() == license_token);
+        CHECK(answer.at("claim_remaining_ms") == 30000);
+
+        auto held = co_await post_claim(port, "w1", R"({"holder":"controller-b","lease_seconds":30})");
+        CHECK(held.result_int() == 409);
+        const auto refusal = json_of(held);
+        CHECK(refusal.at("code") == "claimed");
+        CHECK(refusal.at("holder") == "controller-a");
+        CHECK(refusal.at("claim_expires_at").as_string() == format_timestamp(clock.now() + 30s));
+        CHECK(refusal.at("claim_remaining_ms") == 30000);
+        CHECK(held.body().find(license_token) == std::string::npos);
+
+        for (const auto* body : {R"({"lease_seconds":30})", R"({"holder":"","lease_seconds":30})",
+                                 R"({"holder":"controller-a","lease_seconds":0})",
+                                 R"({"holder":"controller-a","lease_seconds":"30"})",
+                                 R"({"holder":"controller-a","lease_seconds":7200})", R"({"holder":5})"}) {
+            INFO(body);
+            auto rejected = co_await post_claim(port, "w1", body);
+            CHECK(rejected.result_int() == 400);
+            CHECK(code_of(rejected) == "invalid_argument");
+        }
+
+        auto no_key = make_request(verb::post, "/api/internal/workers/w1/license/claim", credentials::none,
+                                   R"({"holder":"controller-a","lease_seconds":30})");
+        auto unauthorized = co_await send(port, std::move(no_key));
+        CHECK(unauthorized.result_int() == 401);
+
+        auto worker = co_await f.plane.get_worker("w1");
+        REQUIRE(worker);
+        CHECK(worker.value().license().claim_holder() == "controller-a");
+        CHECK(worker.value().license().fence() == 1);
+    }());
+}
+
+TEST_CASE("client claims and reports fence", "[integration][claim]")
+{
+    testing::manual_clock clock;
+    served_control_plane f({}, test_api_options(), claim_clock(clock));
+    control_plane_http_client first(f.context.get_executor(), client_options(f.server.port()),
+                                    f.logs.make_logger());
+    control_plane_http_client second(f.context.get_executor(), client_options(f.server.port()),
+                                     f.logs.make_logger());
+
+    run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
+        co_await f.add_worker("w1");
+        auto accepted = co_await request_registration(f.plane);
+        REQUIRE(accepted);
+
+        auto claim_a = co_await first.claim("w1", "controller-a", 30s);
+        REQUIRE(claim_a);
+        REQUIRE(claim_a.value().task);
+        const auto task_a = *claim_a.value().task;
+        CHECK(task_a.fence == 1);
+        CHECK(task_a.claim_holder == "controller-a");
+        CHECK(task_a.claim_remaining == 30s);
+        REQUIRE(task_a.token);
+        CHECK(task_a.token->reveal() == license_token);
+        auto started = co_await first.start("w1", task_a.key());
+        CHECK(started);
+
+        auto refused = co_await second.claim("w1", "controller-b", 30s);
+        REQUIRE(refused);
+        CHECK_FALSE(refused.value().task);
+        CHECK(refused.value().holder == "controller-a");
+        CHECK(refused.value().remaining == 30s);
+        CHECK(refused.value().expires_at == clock.now() + 30s);
+
+        // The first controller stops renewing, so its claim expires and the second takes over.
+        clock.advance(30s);
+        auto claim_b = co_await second.claim("w1", "controller-b", 30s);
+        REQUIRE(claim_b);
+        REQUIRE(claim_b.value().task);
+        const auto task_b = *claim_b.value().task;
+        CHECK(task_b.fence == 2);
+        CHECK(task_b.started);
+
+        domain::registration_details late_details;
+        auto late = co_await first.complete_registration("w1", task_a.key(), std::move(late_details));
+        CHECK(late.error() == errc::claim_lost);
+        std::string code = "late";
+        std::string message = "late failure";
+        auto late_failure = co_await first.fail("w1", task_a.key(), std::move(code), std::move(message));
+        CHECK(late_failure.error() == errc::claim_lost);
+        auto unfenced = co_await first.start("w1", task_a.operation_id);
+        CHECK(unfenced.error() == errc::claim_lost);
+
+        auto raw_stale = make_request(verb::post, "/api/internal/workers/w1/operations/1/start", credentials::internal,
+                                      R"({"fence":1})");
+        auto stale_response = co_await send(f.server.port(), std::move(raw_stale));
+        CHECK(stale_response.result_int() == 409);
+        CHECK(code_of(stale_response) == "claim_lost");
+        auto raw_malformed = make_request(verb::post, "/api/internal/workers/w1/operations/1/start",
+                                          credentials::internal, R"({"fence":"1"})");
+        auto malformed_response = co_await send(f.server.port(), std::move(raw_malformed));
+        CHECK(malformed_response.result_int() == 400);
+
+        domain::registration_details details;
+        details.registration_status = "COMPLETED";
+        auto completed = co_await second.complete_registration("w1", task_b.key(), std::move(details));
+        CHECK(completed);
+
+        auto worker = co_await f.plane.get_worker("w1");
+        REQUIRE(worker);
+        CHECK(worker.value().license().status() == domain::license_status::registered);
+        CHECK(worker.value().license().claim_holder().empty());
+        CHECK(worker.value().license().fence() == 2);
     }());
 }

@@ -256,8 +256,9 @@ inline transport::control_plane_api_options test_api_options()
 /// A control plane on an in-memory repository, served over HTTP on 127.0.0.1.
 struct served_control_plane {
     explicit served_control_plane(transport::http_server_options server_options = {},
-                                  transport::control_plane_api_options api_options = test_api_options())
-        : plane(repository, sink, logs.make_logger()),
+                                  transport::control_plane_api_options api_options = test_api_options(),
+                                  application::control_plane_options plane_options = {})
+        : plane(repository, sink, logs.make_logger(), std::move(plane_options)),
           api(plane, std::move(api_options), logs.make_logger()),
           server(context, std::move(server_options), api.handler(), logs.make_logger())
     {

@@ -13,6 +13,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -151,27 +152,32 @@ public:
         return run(plane_.request_deregistration(std::move(id), "admin"));
     }
 
-    result<domain::cml_worker> start(std::string id, std::uint64_t operation_id)
+    result<application::operation_claim> claim(std::string id, std::string holder, std::chrono::milliseconds lease)
     {
-        return run(plane_.start_operation(std::move(id), operation_id));
+        return run(plane_.claim_operation(std::move(id), std::move(holder), lease));
     }
 
-    result<domain::cml_worker> complete_registration(std::string id, std::uint64_t operation_id,
+    result<domain::cml_worker> start(std::string id, domain::operation_key key)
+    {
+        return run(plane_.start_operation(std::move(id), key));
+    }
+
+    result<domain::cml_worker> complete_registration(std::string id, domain::operation_key key,
                                                      domain::registration_details details = {})
     {
-        return run(plane_.complete_registration(std::move(id), operation_id, std::move(details)));
+        return run(plane_.complete_registration(std::move(id), key, std::move(details)));
     }
 
-    result<domain::cml_worker> complete_deregistration(std::string id, std::uint64_t operation_id,
+    result<domain::cml_worker> complete_deregistration(std::string id, domain::operation_key key,
                                                        std::optional<std::string> warning = std::nullopt)
     {
-        return run(plane_.complete_deregistration(std::move(id), operation_id, std::move(warning)));
+        return run(plane_.complete_deregistration(std::move(id), key, std::move(warning)));
     }
 
-    result<domain::cml_worker> fail(std::string id, std::uint64_t operation_id, std::string code = "cml_error",
+    result<domain::cml_worker> fail(std::string id, domain::operation_key key, std::string code = "cml_error",
                                     std::string message = "CML answered 500")
     {
-        return run(plane_.fail_operation(std::move(id), operation_id, std::move(code), std::move(message)));
+        return run(plane_.fail_operation(std::move(id), key, std::move(code), std::move(message)));
     }
 
     /// Registers `token` on a worker through request, start and completion, and returns the

@@ -54,6 +54,11 @@ std::vector<named_worker> workers_in_every_state()
     failed.fail_license_registration(2, "invalid_token", "CML rejected " + second_token, at(42)).value();
     workers.push_back({"reregistration failed", failed});
 
+    auto claimed = requested;
+    claimed.claim_license_operation("controller-a", std::chrono::seconds(30), at(11)).value();
+    claimed.start_license_operation({1, 1}, at(12)).value();
+    workers.push_back({"registration claimed and started", claimed});
+
     auto deregistered = registered;
     deregistered.request_license_deregistration("bob", at(50)).value();
     deregistered.start_license_operation(2, at(51)).value();
@@ -133,6 +138,7 @@ std::vector<domain_event> events_of_every_type()
         license_deregistration_completed{header, std::string("Smart Licensing not told")},
         license_deregistration_completed{header, std::nullopt},
         license_deregistration_failed{header, {"unavailable", "CML is unreachable"}},
+        license_operation_claimed{header, "controller-a", 18446744073709551615ULL, at(33)},
     };
 }
 
@@ -409,6 +415,7 @@ TEST_CASE("event types use CloudEvents names", "[domain]")
         {license_deregistration_started{}, "cml_worker.license.deregistration.started.v1"},
         {license_deregistration_completed{}, "cml_worker.license.deregistration.completed.v1"},
         {license_deregistration_failed{}, "cml_worker.license.deregistration.failed.v1"},
+        {license_operation_claimed{}, "cml_worker.license.operation.claimed.v1"},
     };
     REQUIRE(cases.size() == std::variant_size_v<domain_event>);
     for (const auto& [event, type] : cases) {
@@ -444,6 +451,7 @@ TEST_CASE("event decoding rejects malformed fields", "[domain]")
     const auto completed = encode(license_registration_completed{header, at(9), "a", "b", "c", {"Nodes"}});
     const auto failed = encode(license_deregistration_failed{header, {"unavailable", "down"}});
     const auto deregistered = encode(license_deregistration_completed{header, std::string("warning")});
+    const auto claimed = encode(license_operation_claimed{header, "controller-a", 2, at(40)});
 
     struct event_case {
         const boost::json::value& base;
@@ -481,6 +489,9 @@ TEST_CASE("event decoding rejects malformed fields", "[domain]")
         {failed, {"error", json(R"("down")")}, "error"},
         {failed, {"error", json(R"({"code":"unavailable"})")}, "error"},
         {deregistered, {"warning", json("5")}, "warning"},
+        {claimed, {"holder", std::nullopt}, "holder"},
+        {claimed, {"fence", json("-2")}, "fence"},
+        {claimed, {"expires_at", json("null")}, "expires_at"},
     };
 
     for (const auto& test : cases) {

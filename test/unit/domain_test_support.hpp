@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace lcm::domain::testing {
@@ -65,6 +66,16 @@ inline cml_worker registered_worker(const std::string& token = first_token)
     worker.complete_license_registration(operation_id, sample_details(), at(12)).value();
     worker.take_events();
     return worker;
+}
+
+/// Returns the only event the worker recorded, which must be an `Event`.
+template <class Event>
+const Event& single_event(const cml_worker& worker)
+{
+    REQUIRE(worker.events().size() == 1);
+    const auto* event = std::get_if<Event>(&worker.events().front());
+    REQUIRE(event != nullptr);
+    return *event;
 }
 
 /// Returns every event serialized as JSON text, concatenated.

@@ -74,15 +74,6 @@ const std::vector<worker_status> not_running_statuses = {
     worker_status::failed,   worker_status::unknown,
 };
 
-template <class Event>
-const Event& single_event(const cml_worker& worker)
-{
-    REQUIRE(worker.events().size() == 1);
-    const auto* event = std::get_if<Event>(&worker.events().front());
-    REQUIRE(event != nullptr);
-    return *event;
-}
-
 void check_header(const event_header& header, std::uint64_t operation_id, lcm::timestamp occurred_at,
                   const std::string& initiated_by)
 {

@@ -23,6 +23,8 @@ TEST_CASE("errc maps to HTTP status codes", "[error]")
     CHECK(lcm::http_status(lcm::errc::invalid_argument) == 400);
     CHECK(lcm::http_status(lcm::errc::invalid_token) == 422);
     CHECK(lcm::http_status(lcm::errc::operation_in_progress) == 409);
+    CHECK(lcm::http_status(lcm::errc::claimed) == 409);
+    CHECK(lcm::http_status(lcm::errc::claim_lost) == 409);
     CHECK(lcm::http_status(lcm::errc::unauthorized) == 401);
     CHECK(lcm::http_status(lcm::errc::payload_too_large) == 413);
     CHECK(lcm::http_status(lcm::errc::unsupported_media_type) == 415);
@@ -32,13 +34,13 @@ TEST_CASE("errc maps to HTTP status codes", "[error]")
 TEST_CASE("every errc value has a distinct name and a message", "[error]")
 {
     std::set<std::string> names;
-    for (int value = static_cast<int>(lcm::errc::not_found); value <= static_cast<int>(lcm::errc::cancelled); ++value) {
+    for (int value = static_cast<int>(lcm::errc::not_found); value <= static_cast<int>(lcm::errc::claimed); ++value) {
         boost::system::error_code error(value, lcm::error_category());
         CHECK(std::string(lcm::error_name(error)) != "internal");
         CHECK(error.message() != "unknown lcm error");
         names.insert(lcm::error_name(error));
     }
-    CHECK(names.size() == static_cast<std::size_t>(lcm::errc::cancelled));
+    CHECK(names.size() == static_cast<std::size_t>(lcm::errc::claimed));
 }
 
 TEST_CASE("logger drops records below its level", "[log]")

@@ -198,6 +198,8 @@ struct license_fixture {
         options.reconciler.log = log.make_logger();
         options.license.poll_interval = 1500ms;
         options.license.wall_clock = [clock = &cml_clock] { return clock->now(); };
+        // A fixed id, so that a controller a test restarts renews its own claims at once.
+        options.license.controller_id = "controller-1";
         options.license.log = log.make_logger();
         return options;
     }
@@ -271,7 +273,8 @@ struct license_fixture {
     captured_lines log;
     memory_repository repository;
     memory_event_sink sink;
-    control_plane_type plane{repository, sink, log.make_logger()};
+    // Claims are timed with the fake CML's clock, so advancing it lets leases expire.
+    control_plane_type plane{repository, sink, log.make_logger(), claim_clock_options()};
     plane_client_type plane_client{plane};
     lcm::testing::manual_clock cml_clock;
     lcm::reconcile::manual_clock loop_clock;
@@ -280,6 +283,14 @@ struct license_fixture {
     scripted_cml_client scripted;
 
 private:
+    lcm::application::control_plane_options claim_clock_options()
+    {
+        lcm::application::control_plane_options options;
+        // Called only after construction, when cml_clock exists.
+        options.clock = [this] { return cml_clock.now(); };
+        return options;
+    }
+
     static lcm::testing::fake_cml_options with_clock(lcm::testing::fake_cml_options options,
                                                      lcm::testing::manual_clock& clock)
     {

@@ -12,7 +12,9 @@
 #include <boost/uuid/random_generator.hpp>
 #include <boost/uuid/uuid_io.hpp>
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -31,6 +33,17 @@ struct operation_accepted {
     friend bool operator==(const operation_accepted&, const operation_accepted&) = default;
 };
 
+/// The result of a claim: granted to the caller, or held by another controller.
+struct operation_claim {
+    /// The worker after the claim. When `granted` is false it is unchanged, and its license
+    /// names the other controller's claim.
+    domain::cml_worker worker;
+    bool granted = false;
+    /// The control plane's time when it decided, so that a caller can compute the time left
+    /// on the claim (`claim_expires_at - decided_at`) without comparing clocks.
+    timestamp decided_at{};
+};
+
 /// A request to add a worker. An empty `id` gets a random UUID.
 struct add_worker_request {
     std::string id;
@@ -46,6 +59,8 @@ struct control_plane_options {
     /// same moment, so a handful of tries is enough. Each try costs one read and one
     /// conditional write.
     int max_attempts = 8;
+    /// The clock that claims are timed with; `now_utc` when empty.
+    std::function<timestamp()> clock;
 };
 
 /// The control plane's command handlers.
@@ -61,8 +76,11 @@ template <worker_repository Repository, event_sink Sink>
 class control_plane {
 public:
     control_plane(Repository& repository, Sink& sink, logger log = {}, control_plane_options options = {})
-        : repository_(repository), sink_(sink), log_(std::move(log)), options_(options)
+        : repository_(repository), sink_(sink), log_(std::move(log)), options_(std::move(options))
     {
+        if (!options_.clock) {
+            options_.clock = [] { return now_utc(); };
+        }
     }
 
     Repository& repository() noexcept { return repository_; }
@@ -125,76 +143,116 @@ public:
         co_return accepted;
     }
 
-    /// Marks an operation as started, before a worker-controller first calls CML.
-    boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id,
-                                                                       std::uint64_t operation_id)
+    /// Claims a worker's pending operation for `holder` for `lease`, or renews the holder's
+    /// claim. See `cml_worker::claim_license_operation` for the rules. A claim held by another
+    /// controller is not an error here: the answer has `granted` false and names that claim.
+    /// Fails with `not_found` for an unknown worker or when no operation is pending, and
+    /// `invalid_argument` for an empty or over-long holder or a lease that is not positive.
+    boost::asio::awaitable<result<operation_claim>> claim_operation(std::string worker_id, std::string holder,
+                                                                    std::chrono::milliseconds lease)
+    {
+        std::optional<domain::cml_worker> held_elsewhere;
+        timestamp decided_at{};
+        auto claimed = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+            decided_at = options_.clock();
+            auto fence = worker.claim_license_operation(holder, lease, decided_at);
+            if (!fence) {
+                if (fence.error() == errc::claimed) {
+                    held_elsewhere = worker;
+                }
+                return fence.error();
+            }
+            return worker;
+        });
+        if (!claimed && held_elsewhere) {
+            co_return operation_claim{std::move(*held_elsewhere), false, decided_at};
+        }
+        if (!claimed) {
+            co_return claimed.error();
+        }
+        if (log_.enabled(log_level::debug)) {
+            const auto& license = claimed.value().license();
+            log_.debug("license operation claimed", {{"worker_id", worker_id},
+                                                     {"operation_id", std::to_string(license.operation_id())},
+                                                     {"holder", holder},
+                                                     {"fence", std::to_string(license.fence())},
+                                                     {"expires_at", format_timestamp(*license.claim_expires_at())}});
+        }
+        co_return operation_claim{std::move(claimed).value(), true, decided_at};
+    }
+
+    /// Marks an operation as started, before a worker-controller first calls CML. `key`
+    /// carries the fence of the controller's claim.
+    boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id, domain::operation_key key)
     {
         co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.start_license_operation(operation_id));
+            BOOST_OUTCOME_TRY(worker.start_license_operation(key));
             return worker;
         });
     }
 
     boost::asio::awaitable<result<domain::cml_worker>> complete_registration(std::string worker_id,
-                                                                             std::uint64_t operation_id,
+                                                                             domain::operation_key key,
                                                                              domain::registration_details details)
     {
         auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.complete_license_registration(operation_id, details));
+            BOOST_OUTCOME_TRY(worker.complete_license_registration(key, details));
             return worker;
         });
-        log_finish("license registration completed", worker_id, operation_id, done);
+        log_finish("license registration completed", worker_id, key, done);
         co_return done;
     }
 
     boost::asio::awaitable<result<domain::cml_worker>> complete_deregistration(std::string worker_id,
-                                                                               std::uint64_t operation_id,
+                                                                               domain::operation_key key,
                                                                                std::optional<std::string> warning)
     {
         auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.complete_license_deregistration(operation_id, warning));
+            BOOST_OUTCOME_TRY(worker.complete_license_deregistration(key, warning));
             return worker;
         });
-        log_finish("license deregistration completed", worker_id, operation_id, done);
+        log_finish("license deregistration completed", worker_id, key, done);
         co_return done;
     }
 
     /// Records the failure of the operation, whichever kind it is. `message` may quote the
     /// token; the aggregate stores it redacted.
-    boost::asio::awaitable<result<domain::cml_worker>> fail_operation(std::string worker_id,
-                                                                      std::uint64_t operation_id,
+    boost::asio::awaitable<result<domain::cml_worker>> fail_operation(std::string worker_id, domain::operation_key key,
                                                                       std::string error_code, std::string message)
     {
         auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
             const auto& license = worker.license();
             // A finished operation keeps its kind in last_operation, so a repeated failure
             // still reaches the aggregate, which accepts it idempotently.
-            const auto kind = license.operation_id() == operation_id && !license.has_pending_operation()
+            const auto kind = license.operation_id() == key.operation_id && !license.has_pending_operation()
                                   ? license.last_operation()
                                   : license.pending_operation();
             if (kind == domain::license_operation::deregistration) {
-                BOOST_OUTCOME_TRY(worker.fail_license_deregistration(operation_id, error_code, message));
+                BOOST_OUTCOME_TRY(worker.fail_license_deregistration(key, error_code, message));
             }
             else {
-                BOOST_OUTCOME_TRY(worker.fail_license_registration(operation_id, error_code, message));
+                BOOST_OUTCOME_TRY(worker.fail_license_registration(key, error_code, message));
             }
             return worker;
         });
-        log_finish("license operation failed", worker_id, operation_id, done);
+        log_finish("license operation failed", worker_id, key, done);
         co_return done;
     }
 
 private:
     /// Loads, applies `change`, saves; retries on version conflicts. `change` returns
-    /// `result<T>` and leaves the worker unchanged when it fails.
+    /// `result<T>` and leaves the worker unchanged when it fails. A change that recorded no
+    /// event and left the state as it was is not saved. A claim renewal records no event but
+    /// moves the expiry, so it is saved.
     template <class Change>
     auto mutate(const std::string& worker_id, Change change)
         -> boost::asio::awaitable<std::invoke_result_t<Change&, domain::cml_worker&>>
     {
         for (int attempt = 1;; ++attempt) {
             BOOST_OUTCOME_CO_TRY(auto worker, co_await repository_.get(worker_id));
+            const auto before = worker.state();
             auto outcome = change(worker);
-            if (!outcome || worker.events().empty()) {
+            if (!outcome || (worker.events().empty() && worker.state() == before)) {
                 co_return outcome;
             }
 
@@ -231,18 +289,21 @@ private:
         }
     }
 
-    void log_finish(std::string_view message, const std::string& worker_id, std::uint64_t operation_id,
+    void log_finish(std::string_view message, const std::string& worker_id, domain::operation_key key,
                     const result<domain::cml_worker>& done)
     {
         if (!log_.enabled(done ? log_level::info : log_level::warning)) {
             return;
         }
         if (done) {
-            log_.info(message, {{"worker_id", worker_id}, {"operation_id", std::to_string(operation_id)}});
+            log_.info(message, {{"worker_id", worker_id},
+                                {"operation_id", std::to_string(key.operation_id)},
+                                {"fence", std::to_string(key.fence)}});
         }
         else {
             log_.warning("license operation report rejected", {{"worker_id", worker_id},
-                                                               {"operation_id", std::to_string(operation_id)},
+                                                               {"operation_id", std::to_string(key.operation_id)},
+                                                               {"fence", std::to_string(key.fence)},
                                                                {"error", done.error().message()}});
         }
     }

@@ -10,6 +10,8 @@
 
 #include <boost/asio/awaitable.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +38,29 @@ struct license_task {
     std::optional<timestamp> requested_at;
     std::optional<timestamp> started_at;
     std::uint32_t attempts = 0;
+    /// The controller that holds the claim on the operation; empty while unclaimed.
+    std::string claim_holder;
+    /// When the claim expires, on the control plane's clock.
+    std::optional<timestamp> claim_expires_at;
+    /// The fence of the claim, which `start`, `complete_*` and `fail` carry.
+    std::uint64_t fence = domain::no_fence;
+    /// Time left on the claim when the control plane granted it; zero in tasks read otherwise.
+    /// A controller adds it to its own clock, so clocks that disagree do not skew the wait.
+    std::chrono::milliseconds claim_remaining{0};
+
+    /// Returns the key that reports on this task name: its operation and its claim's fence.
+    domain::operation_key key() const noexcept { return {operation_id, fence}; }
+};
+
+/// The result of `claim`: the claimed task, or the claim another controller holds.
+struct license_claim {
+    /// The task with the caller's fence; empty when another controller holds the claim.
+    std::optional<license_task> task;
+    /// The holder of the claim: the caller when granted, another controller otherwise.
+    std::string holder;
+    timestamp expires_at{};
+    /// Time left on the claim when the control plane decided.
+    std::chrono::milliseconds remaining{0};
 };
 
 /// Builds the task of a worker's pending operation, or nothing when none is pending.
@@ -55,7 +80,26 @@ inline std::optional<license_task> task_of(const domain::cml_worker& worker)
                         license.pending_token(),
                         license.requested_at(),
                         license.started_at(),
-                        license.attempts()};
+                        license.attempts(),
+                        license.claim_holder(),
+                        license.claim_expires_at(),
+                        license.fence()};
+}
+
+/// Builds the result of a claim from the control plane's decision.
+inline license_claim claim_of(const application::operation_claim& decision)
+{
+    const auto& license = decision.worker.license();
+    license_claim claim;
+    claim.holder = license.claim_holder();
+    claim.expires_at = license.claim_expires_at().value_or(decision.decided_at);
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(claim.expires_at - decision.decided_at);
+    claim.remaining = std::max(left, std::chrono::milliseconds::zero());
+    if (decision.granted) {
+        claim.task = task_of(decision.worker);
+        claim.task->claim_remaining = claim.remaining;
+    }
+    return claim;
 }
 
 /// The control-plane calls of a worker-controller.
@@ -63,27 +107,35 @@ inline std::optional<license_task> task_of(const domain::cml_worker& worker)
 /// - `list_pending(limit)`: tasks of up to `limit` workers with a pending operation.
 /// - `get_task(worker_id)`: the worker's pending task, or an empty optional when none is
 ///   pending; `errc::not_found` for an unknown worker.
+/// - `claim(worker_id, holder, lease)`: claims the pending operation for `holder` for
+///   `lease`, or renews the holder's claim. While another controller holds the claim, the
+///   result carries that claim instead of a task. Fails with `errc::not_found` for an
+///   unknown worker or when no operation is pending.
 /// - `start`, `complete_registration`, `complete_deregistration`, `fail`: report a step of
-///   operation `operation_id`; the control plane rejects any but the current operation with
-///   `errc::stale_operation`, and accepts repeats of an applied step.
+///   the operation that `key` names, under the claim whose fence `key` carries. The control
+///   plane rejects any but the current operation with `errc::stale_operation` and a fence
+///   other than the current claim's with `errc::claim_lost`. It accepts repeats of an
+///   applied step.
 /// - `change_sequence()` and `wait_for_change(after)`: a feed that wakes the controller when
 ///   intents change, so that it need not poll.
 template <class C>
-concept control_plane_client = requires(C& client, std::string_view worker_id, std::uint64_t operation_id,
-                                        std::size_t limit, domain::registration_details details,
+concept control_plane_client = requires(C& client, std::string_view worker_id, std::uint64_t sequence,
+                                        domain::operation_key key, std::size_t limit,
+                                        std::chrono::milliseconds lease, domain::registration_details details,
                                         std::optional<std::string> warning, std::string text) {
     { client.list_pending(limit) } -> std::same_as<boost::asio::awaitable<result<std::vector<license_task>>>>;
     { client.get_task(worker_id) } -> std::same_as<boost::asio::awaitable<result<std::optional<license_task>>>>;
-    { client.start(worker_id, operation_id) } -> std::same_as<boost::asio::awaitable<result<void>>>;
+    { client.claim(worker_id, worker_id, lease) } -> std::same_as<boost::asio::awaitable<result<license_claim>>>;
+    { client.start(worker_id, key) } -> std::same_as<boost::asio::awaitable<result<void>>>;
     {
-        client.complete_registration(worker_id, operation_id, std::move(details))
+        client.complete_registration(worker_id, key, std::move(details))
     } -> std::same_as<boost::asio::awaitable<result<void>>>;
     {
-        client.complete_deregistration(worker_id, operation_id, std::move(warning))
+        client.complete_deregistration(worker_id, key, std::move(warning))
     } -> std::same_as<boost::asio::awaitable<result<void>>>;
-    { client.fail(worker_id, operation_id, text, text) } -> std::same_as<boost::asio::awaitable<result<void>>>;
+    { client.fail(worker_id, key, text, text) } -> std::same_as<boost::asio::awaitable<result<void>>>;
     { client.change_sequence() } -> std::same_as<boost::asio::awaitable<result<std::uint64_t>>>;
-    { client.wait_for_change(operation_id) } -> std::same_as<boost::asio::awaitable<result<std::uint64_t>>>;
+    { client.wait_for_change(sequence) } -> std::same_as<boost::asio::awaitable<result<std::uint64_t>>>;
 };
 
 /// A `control_plane_client` that calls the command handlers in the same process, for
@@ -113,29 +165,38 @@ public:
         co_return task_of(worker);
     }
 
-    boost::asio::awaitable<result<void>> start(std::string_view worker_id, std::uint64_t operation_id)
+    boost::asio::awaitable<result<license_claim>> claim(std::string_view worker_id, std::string_view holder,
+                                                        std::chrono::milliseconds lease)
     {
-        co_return discard(co_await plane_.start_operation(std::string(worker_id), operation_id));
+        std::string worker(worker_id);
+        std::string holder_id(holder);
+        BOOST_OUTCOME_CO_TRY(auto decision,
+                             co_await plane_.claim_operation(std::move(worker), std::move(holder_id), lease));
+        co_return claim_of(decision);
     }
 
-    boost::asio::awaitable<result<void>> complete_registration(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> start(std::string_view worker_id, domain::operation_key key)
+    {
+        co_return discard(co_await plane_.start_operation(std::string(worker_id), key));
+    }
+
+    boost::asio::awaitable<result<void>> complete_registration(std::string_view worker_id, domain::operation_key key,
                                                                domain::registration_details details)
     {
-        co_return discard(co_await plane_.complete_registration(std::string(worker_id), operation_id, std::move(details)));
+        co_return discard(co_await plane_.complete_registration(std::string(worker_id), key, std::move(details)));
     }
 
-    boost::asio::awaitable<result<void>> complete_deregistration(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> complete_deregistration(std::string_view worker_id, domain::operation_key key,
                                                                  std::optional<std::string> warning)
     {
-        co_return discard(
-            co_await plane_.complete_deregistration(std::string(worker_id), operation_id, std::move(warning)));
+        co_return discard(co_await plane_.complete_deregistration(std::string(worker_id), key, std::move(warning)));
     }
 
-    boost::asio::awaitable<result<void>> fail(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> fail(std::string_view worker_id, domain::operation_key key,
                                               std::string error_code, std::string message)
     {
-        co_return discard(co_await plane_.fail_operation(std::string(worker_id), operation_id, std::move(error_code),
-                                                         std::move(message)));
+        co_return discard(
+            co_await plane_.fail_operation(std::string(worker_id), key, std::move(error_code), std::move(message)));
     }
 
     boost::asio::awaitable<result<std::uint64_t>> change_sequence()

@@ -22,11 +22,16 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json/value.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstddef>
+#include <cstdio>
 #include <exception>
 #include <functional>
 #include <optional>
+#include <random>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,14 +50,46 @@ struct license_reconciler_options {
     std::size_t list_limit = 500;
     /// The wall clock that operation deadlines are measured with; `now_utc` when empty.
     std::function<timestamp()> wall_clock;
+    /// The id under which this controller claims operations. It must differ between the
+    /// controllers that share a control plane. Empty: `default_controller_id()`.
+    std::string controller_id;
+    /// How long a claim lasts without renewal. A crashed controller's operations wait this
+    /// long before another controller takes them over. Each reconcile renews the claim once
+    /// less than half of it remains, so it must be more than twice `poll_interval`. Otherwise
+    /// a registration that CML is still working on would lose its claim between polls.
+    std::chrono::milliseconds lease{30000};
+    /// How long after another controller's claim expires this controller tries to take it over,
+    /// so that the holder's last renewal wins a close race.
+    std::chrono::milliseconds takeover_margin{500};
     logger log;
 };
 
-/// The observation of `read_status`: CML's licensing status, or a decision taken without it
-/// (the worker stopped, the deadline passed, or CML rejected the read permanently).
+/// Returns an id that is unique per controller process: `HOSTNAME-PID-SUFFIX`, with a random
+/// hexadecimal suffix, so that a restarted process on the same host gets a new id.
+inline std::string default_controller_id()
+{
+    char host[256] = {};
+    if (::gethostname(host, sizeof host - 1) != 0 || host[0] == '\0') {
+        std::snprintf(host, sizeof host, "%s", "controller");
+    }
+    std::random_device random;
+    char suffix[9];
+    std::snprintf(suffix, sizeof suffix, "%08x", static_cast<unsigned>(random()));
+    auto id = std::string(host) + "-" + std::to_string(::getpid()) + "-" + suffix;
+    if (id.size() > domain::max_claim_holder_length) {
+        id.erase(0, id.size() - domain::max_claim_holder_length);
+    }
+    return id;
+}
+
+/// The observation of `read_status`: CML's licensing status, a decision taken without it
+/// (the worker stopped, the deadline passed, or CML rejected the read permanently), or
+/// another controller's claim.
 struct license_observation {
     std::optional<cml_licensing_status> cml;
     std::optional<license_decision> verdict;
+    /// Set when another controller holds the claim: how long until it expires. CML was not read.
+    std::optional<std::chrono::milliseconds> claimed_elsewhere_for;
 };
 
 /// Converts what CML reported for a completed registration into the domain's details.
@@ -79,9 +116,14 @@ inline domain::registration_details registration_details_of(const cml_licensing_
 /// The reconcile handler for license operations, keyed by worker id. Spec is the worker's
 /// pending `license_task`, Status the `license_observation` of its CML host.
 ///
-/// Each reconcile reads the task and CML's status first and decides from both (see
-/// `decide_registration`), so it is level-triggered: after a crash or a lost claim it resumes
-/// from what CML reports. It records `start` before the first mutating call to CML, completes a
+/// Each reconcile first claims the worker's operation (or renews its claim) with `claim`, which
+/// also returns the task. It then reads CML's status and decides from both (see
+/// `decide_registration`). So it is level-triggered: after a crash or a takeover it resumes
+/// from what CML reports. Every report carries the claim's fence. While another controller
+/// holds an unexpired claim, the key is requeued for when that claim expires, plus
+/// `takeover_margin`, without calling CML.
+///
+/// It records `start` before the first mutating call to CML, completes a
 /// registration only when CML reports COMPLETED, and requeues after `poll_interval` while CML
 /// is still working, without holding a concurrency slot. Transient errors are returned as
 /// retries, so the reconciler backs off; permanent ones fail the operation at once.
@@ -92,13 +134,33 @@ inline domain::registration_details registration_details_of(const cml_licensing_
 template <cml_client Cml, control_plane_client ControlPlane>
 class license_handler {
 public:
+    /// Throws `std::invalid_argument` when `lease` is not more than twice `poll_interval`, or
+    /// `controller_id` is longer than `domain::max_claim_holder_length`.
     license_handler(Cml& cml, ControlPlane& control_plane, license_reconciler_options options)
         : cml_(&cml), control_plane_(&control_plane), options_(std::move(options))
     {
         if (!options_.wall_clock) {
             options_.wall_clock = [] { return now_utc(); };
         }
+        if (options_.controller_id.empty()) {
+            options_.controller_id = default_controller_id();
+        }
+        if (options_.controller_id.size() > domain::max_claim_holder_length) {
+            throw std::invalid_argument("license controller id of " +
+                                        std::to_string(options_.controller_id.size()) +
+                                        " characters is longer than the maximum of " +
+                                        std::to_string(domain::max_claim_holder_length) + "; set a shorter id");
+        }
+        if (options_.lease <= 2 * options_.poll_interval) {
+            throw std::invalid_argument("license lease (" + std::to_string(options_.lease.count()) +
+                                        " ms) must be more than twice the poll interval (" +
+                                        std::to_string(options_.poll_interval.count()) +
+                                        " ms); raise the lease or shorten the poll interval");
+        }
     }
+
+    /// Returns the id under which this handler claims operations.
+    const std::string& controller_id() const noexcept { return options_.controller_id; }
 
     boost::asio::awaitable<result<std::vector<std::string>>> list_keys()
     {
@@ -111,35 +173,62 @@ public:
         co_return keys;
     }
 
+    /// Claims the worker's pending operation, or renews this controller's claim, and returns
+    /// the task. When another controller holds the claim, the task names only that claim.
     boost::asio::awaitable<result<std::optional<license_task>>> read_spec(const std::string& worker_id)
     {
-        auto task = co_await control_plane_->get_task(worker_id);
-        if (!task && task.error() == errc::not_found) {
+        auto claim = co_await control_plane_->claim(worker_id, options_.controller_id, options_.lease);
+        if (!claim && claim.error() == errc::not_found) {
             co_return std::optional<license_task>();
         }
-        co_return task;
+        if (!claim) {
+            co_return claim.error();
+        }
+        if (claim.value().task) {
+            co_return std::move(claim.value().task);
+        }
+        license_task held;
+        held.worker_id = worker_id;
+        held.claim_holder = std::move(claim.value().holder);
+        held.claim_expires_at = claim.value().expires_at;
+        held.claim_remaining = claim.value().remaining;
+        co_return std::optional<license_task>(std::move(held));
     }
 
     boost::asio::awaitable<result<license_observation>> read_status(const std::string&, const license_task& task)
     {
+        if (task.claim_holder != options_.controller_id) {
+            co_return license_observation{std::nullopt, std::nullopt, task.claim_remaining};
+        }
         if (auto verdict = decide_before_cml(task, options_.wall_clock(), options_.decision)) {
-            co_return license_observation{std::nullopt, std::move(verdict)};
+            co_return license_observation{std::nullopt, std::move(verdict), std::nullopt};
         }
         const cml_endpoint endpoint{task.cml_url};
         auto status = co_await cml_->get_licensing_status(endpoint);
         if (status) {
-            co_return license_observation{std::move(status).value(), std::nullopt};
+            co_return license_observation{std::move(status).value(), std::nullopt, std::nullopt};
         }
         if (is_transient_cml_error(status.error())) {
             log_cml_error(task, cml_call::get_licensing_status, status.error());
             co_return status.error();
         }
-        co_return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status)};
+        co_return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status),
+                                      std::nullopt};
     }
 
     boost::asio::awaitable<reconcile::action> reconcile(const std::string&, const license_task& task,
                                                         const license_observation& observed)
     {
+        if (observed.claimed_elsewhere_for) {
+            const auto wait = *observed.claimed_elsewhere_for + options_.takeover_margin;
+            if (options_.log.enabled(log_level::debug)) {
+                options_.log.debug("license operation claimed by another controller",
+                                   {{"worker_id", task.worker_id},
+                                    {"holder", task.claim_holder},
+                                    {"retry_in_ms", std::to_string(wait.count())}});
+            }
+            co_return reconcile::action::requeue_after(wait);
+        }
         if (observed.verdict) {
             co_return co_await report(task, *observed.verdict, nullptr);
         }
@@ -190,8 +279,8 @@ public:
                     warning = "CML deregistered the license locally but could not reach the Cisco licensing "
                               "service; the license may count as used there until it expires";
                 }
-                auto reported = co_await control_plane_->complete_deregistration(current.worker_id,
-                                                                                 current.operation_id, warning);
+                const auto key = current.key();
+                auto reported = co_await control_plane_->complete_deregistration(current.worker_id, key, warning);
                 co_return after_report(current, reported, "license deregistration completed");
             }
             }
@@ -225,7 +314,8 @@ private:
         if (task.started) {
             co_return std::nullopt;
         }
-        auto started = co_await control_plane_->start(task.worker_id, task.operation_id);
+        const auto key = task.key();
+        auto started = co_await control_plane_->start(task.worker_id, key);
         if (!started) {
             co_return after_report(task, started, {});
         }
@@ -242,12 +332,12 @@ private:
     {
         if (decision.action == license_action::complete_registration && status) {
             auto details = registration_details_of(*status);
-            auto reported =
-                co_await control_plane_->complete_registration(task.worker_id, task.operation_id, std::move(details));
+            const auto key = task.key();
+            auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
             co_return after_report(task, reported, "license registration completed");
         }
-        auto reported =
-            co_await control_plane_->fail(task.worker_id, task.operation_id, decision.error_code, decision.message);
+        const auto key = task.key();
+        auto reported = co_await control_plane_->fail(task.worker_id, key, decision.error_code, decision.message);
         if (reported) {
             options_.log.warning("license operation failed", {{"worker_id", task.worker_id},
                                                               {"operation_id", std::to_string(task.operation_id)},
@@ -268,9 +358,10 @@ private:
             }
             return reconcile::action::done();
         }
-        if (reported.error() == errc::stale_operation || reported.error() == errc::worker_not_running) {
-            // Another controller finished the operation, or a newer request replaced it:
-            // read the worker again instead of acting on an outdated task.
+        if (reported.error() == errc::stale_operation || reported.error() == errc::worker_not_running ||
+            reported.error() == errc::claim_lost) {
+            // Another controller finished the operation or took it over, or a newer request
+            // replaced it: read the worker again instead of acting on an outdated task.
             options_.log.info("license operation changed under the reconciler",
                               {{"worker_id", task.worker_id},
                                {"operation_id", std::to_string(task.operation_id)},

@@ -148,12 +148,23 @@ struct license_deregistration_failed {
     friend bool operator==(const license_deregistration_failed&, const license_deregistration_failed&) = default;
 };
 
+/// A controller took a new claim on the pending operation: the first claim, or one taken over
+/// after another controller's claim expired. Renewals record no event.
+struct license_operation_claimed {
+    static constexpr std::string_view type = "cml_worker.license.operation.claimed.v1";
+    event_header header;
+    std::string holder;
+    std::uint64_t fence = 0;
+    timestamp expires_at{};
+    friend bool operator==(const license_operation_claimed&, const license_operation_claimed&) = default;
+};
+
 /// Any event of the worker aggregate.
 using domain_event = std::variant<worker_created, worker_status_changed, license_registration_requested,
                                   license_registration_started, license_registration_completed,
                                   license_registration_failed, license_deregistration_requested,
                                   license_deregistration_started, license_deregistration_completed,
-                                  license_deregistration_failed>;
+                                  license_deregistration_failed, license_operation_claimed>;
 
 /// Returns the CloudEvents type of an event, such as `cml_worker.license.registration.requested.v1`.
 inline std::string_view event_type(const domain_event& event) noexcept

@@ -128,6 +128,9 @@ inline boost::json::object encode_license(const cml_license& license, secret_exp
         {"authorization_status", state.authorization_status},
         {"features", std::move(features)},
         {"cml_info", state.cml_info},
+        {"claim_holder", state.claim_holder},
+        {"claim_expires_at", detail::encode_optional_time(state.claim_expires_at)},
+        {"fence", state.fence},
     };
     return object;
 }
@@ -182,6 +185,12 @@ inline result<cml_license> decode_license(const boost::json::value& value, std::
     }
     if (const auto* info = reader.find("cml_info")) {
         state.cml_info = *info;
+    }
+    // Records written before claims existed have none of the claim fields.
+    state.claim_holder = reader.optional_string("claim_holder").value_or(std::string());
+    state.claim_expires_at = reader.optional_time("claim_expires_at");
+    if (reader.find("fence")) {
+        state.fence = reader.unsigned_integer("fence");
     }
 
     if (reader.failed()) {
@@ -305,6 +314,11 @@ inline boost::json::object encode_event(const domain_event& event)
             else if constexpr (std::is_same_v<event_type, license_deregistration_completed>) {
                 object["warning"] = alternative.warning ? boost::json::value(*alternative.warning) : nullptr;
             }
+            else if constexpr (std::is_same_v<event_type, license_operation_claimed>) {
+                object["holder"] = alternative.holder;
+                object["fence"] = alternative.fence;
+                object["expires_at"] = format_timestamp(alternative.expires_at);
+            }
             return object;
         },
         event);
@@ -371,6 +385,11 @@ bool decode_event_as(std::string_view type, json_reader& reader, event_header he
     }
     else if constexpr (std::is_same_v<Event, license_deregistration_completed>) {
         event.warning = reader.optional_string("warning");
+    }
+    else if constexpr (std::is_same_v<Event, license_operation_claimed>) {
+        event.holder = reader.string("holder");
+        event.fence = reader.unsigned_integer("fence");
+        event.expires_at = reader.time("expires_at");
     }
     out = std::move(event);
     return true;

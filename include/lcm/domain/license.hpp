@@ -151,6 +151,30 @@ struct registration_details {
     boost::json::value cml_info;
 };
 
+/// The fence of a report made without a claim. It is accepted only while nobody has claimed
+/// the operation, so a single controller that never claims keeps working.
+inline constexpr std::uint64_t no_fence = 0;
+
+/// The maximum length of a claim holder, the id of a worker-controller.
+inline constexpr std::size_t max_claim_holder_length = 128;
+
+/// Names the operation that a start, completion or failure reports on, and the fence of the
+/// claim under which the controller acts. An operation id alone converts to a key with
+/// `no_fence`.
+struct operation_key {
+    std::uint64_t operation_id = 0;
+    std::uint64_t fence = no_fence;
+
+    operation_key() = default;
+    // Implicit, so that callers that do not claim can keep passing a bare operation id.
+    operation_key(std::uint64_t id, std::uint64_t claim_fence = no_fence) noexcept
+        : operation_id(id), fence(claim_fence)
+    {
+    }
+
+    friend bool operator==(const operation_key&, const operation_key&) = default;
+};
+
 /// The CMLLicense value object. Instances never change: every transition of the worker
 /// aggregate builds a new one, so a copy handed out stays a consistent snapshot.
 class cml_license {
@@ -183,6 +207,14 @@ public:
         std::string authorization_status;
         std::vector<license_feature> features;
         boost::json::value cml_info;
+        /// The controller that holds the claim on the pending operation; empty while unclaimed.
+        /// An expired claim keeps its holder until another controller takes it over.
+        std::string claim_holder;
+        /// When the claim expires, on the control plane's clock; set exactly while a claim exists.
+        std::optional<timestamp> claim_expires_at;
+        /// The fence of the current or last claim. Every new claim of the worker increases it,
+        /// across operations too, so no two claims ever share a fence.
+        std::uint64_t fence = 0;
 
         friend bool operator==(const fields&, const fields&) = default;
     };
@@ -217,6 +249,10 @@ public:
     const std::string& authorization_status() const noexcept { return state_->authorization_status; }
     const std::vector<license_feature>& features() const noexcept { return state_->features; }
     const boost::json::value& cml_info() const noexcept { return state_->cml_info; }
+    const std::string& claim_holder() const noexcept { return state_->claim_holder; }
+    const std::optional<timestamp>& claim_expires_at() const noexcept { return state_->claim_expires_at; }
+    std::uint64_t fence() const noexcept { return state_->fence; }
+    bool is_claimed() const noexcept { return !state_->claim_holder.empty(); }
 
     /// Returns whether the license holds a token CML accepted, so deregistration makes sense.
     bool holds_license() const noexcept

@@ -10,6 +10,7 @@
 
 #include <boost/url/parse.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -226,16 +227,63 @@ public:
         return state_.license.operation_id();
     }
 
+    /// Claims the pending operation for `holder` until `now + lease` and returns the claim's fence.
+    ///
+    /// A new claim, taken when the operation is unclaimed or another holder's claim expired
+    /// (expiry at or before `now`), increases the fence and records `license_operation_claimed`.
+    /// The same holder renewing keeps its fence and records nothing. A renewal moves the expiry
+    /// to `now + lease` only when less than half of `lease` remains, so a controller that renews
+    /// at every reconcile changes the worker about once per half lease. Fails with
+    /// `invalid_argument` for an empty or over-long holder or a lease that is not positive,
+    /// `not_found` when no operation is pending, and `claimed` while another holder's claim is
+    /// unexpired. `license().claim_holder()` and `license().claim_expires_at()` then name that
+    /// claim.
+    result<std::uint64_t> claim_license_operation(std::string_view holder, std::chrono::microseconds lease,
+                                                  timestamp now = now_utc())
+    {
+        const auto& license = *state_.license.state_;
+        if (holder.empty() || holder.size() > max_claim_holder_length || lease <= std::chrono::microseconds::zero()) {
+            return errc::invalid_argument;
+        }
+        if (license.pending_operation == license_operation::none) {
+            return errc::not_found;
+        }
+        const auto expires_at = now + lease;
+        if (license.claim_holder == holder) {
+            if (*license.claim_expires_at - now >= lease / 2) {
+                return license.fence;
+            }
+            auto next = license;
+            next.claim_expires_at = expires_at;
+            commit(std::move(next), now);
+            return state_.license.fence();
+        }
+        if (!license.claim_holder.empty() && *license.claim_expires_at > now) {
+            return errc::claimed;
+        }
+
+        auto next = license;
+        next.claim_holder = std::string(holder);
+        next.claim_expires_at = expires_at;
+        next.fence += 1;
+        const auto fence = next.fence;
+        commit(std::move(next), now);
+        events_.push_back(license_operation_claimed{header(now), std::string(holder), fence, expires_at});
+        return fence;
+    }
+
     /// Marks the pending operation as started, before a controller makes its first call to CML.
     /// Starting an operation that is already in progress succeeds and records nothing, so a
     /// controller that restarted can resume. Fails with `stale_operation` for any operation
-    /// but the pending one, and `worker_not_running`.
-    result<void> start_license_operation(std::uint64_t operation_id, timestamp now = now_utc())
+    /// but the pending one, `claim_lost` when `key.fence` is not the current claim's fence
+    /// (see `check_claim`), and `worker_not_running`.
+    result<void> start_license_operation(operation_key key, timestamp now = now_utc())
     {
         const auto& license = *state_.license.state_;
-        if (operation_id != license.operation_id || license.pending_operation == license_operation::none) {
+        if (key.operation_id != license.operation_id || license.pending_operation == license_operation::none) {
             return errc::stale_operation;
         }
+        BOOST_OUTCOME_TRY(check_claim(key));
         if (license.operation_in_progress) {
             return success();
         }
@@ -259,14 +307,15 @@ public:
         return success();
     }
 
-    /// Records that CML completed the registration of the current operation.
+    /// Records that CML completed the registration of the current operation, and ends its claim.
     /// A repeated completion succeeds and records nothing. Fails with `operation_not_started`
-    /// before `start_license_operation`, and `stale_operation` for any other operation.
-    result<void> complete_license_registration(std::uint64_t operation_id, registration_details details,
+    /// before `start_license_operation`, `stale_operation` for any other operation, and
+    /// `claim_lost` for a fence other than the current claim's.
+    result<void> complete_license_registration(operation_key key, registration_details details,
                                                timestamp now = now_utc())
     {
-        BOOST_OUTCOME_TRY(check_finish(operation_id, license_operation::registration, operation_outcome::completed));
-        if (already_finished(operation_id, license_operation::registration, operation_outcome::completed)) {
+        BOOST_OUTCOME_TRY(check_finish(key, license_operation::registration, operation_outcome::completed));
+        if (already_finished(key.operation_id, license_operation::registration, operation_outcome::completed)) {
             return success();
         }
 
@@ -293,22 +342,23 @@ public:
     /// Records that the registration of the current operation failed; the license keeps its
     /// previous status and token. The pending operation may fail before it started, for
     /// example when the worker stopped. The message is stored with every token redacted.
-    /// A repeated failure succeeds and records nothing; any other operation is `stale_operation`.
-    result<void> fail_license_registration(std::uint64_t operation_id, std::string error_code, std::string message,
+    /// A repeated failure succeeds and records nothing; any other operation is `stale_operation`,
+    /// and a fence other than the current claim's is `claim_lost`. The claim ends.
+    result<void> fail_license_registration(operation_key key, std::string error_code, std::string message,
                                            timestamp now = now_utc())
     {
-        return fail_operation(operation_id, license_operation::registration, std::move(error_code),
+        return fail_operation(key, license_operation::registration, std::move(error_code),
                               std::move(message), now);
     }
 
     /// Records that CML deregistered the license of the current operation. `warning` carries
     /// CML's text when the Cisco licensing service could not be told. A repeated completion
     /// succeeds and records nothing. Fails like `complete_license_registration`.
-    result<void> complete_license_deregistration(std::uint64_t operation_id, std::optional<std::string> warning,
+    result<void> complete_license_deregistration(operation_key key, std::optional<std::string> warning,
                                                  timestamp now = now_utc())
     {
-        BOOST_OUTCOME_TRY(check_finish(operation_id, license_operation::deregistration, operation_outcome::completed));
-        if (already_finished(operation_id, license_operation::deregistration, operation_outcome::completed)) {
+        BOOST_OUTCOME_TRY(check_finish(key, license_operation::deregistration, operation_outcome::completed));
+        if (already_finished(key.operation_id, license_operation::deregistration, operation_outcome::completed)) {
             return success();
         }
 
@@ -332,10 +382,10 @@ public:
 
     /// Records that the deregistration of the current operation failed; the license stays.
     /// Fails like `fail_license_registration`.
-    result<void> fail_license_deregistration(std::uint64_t operation_id, std::string error_code, std::string message,
+    result<void> fail_license_deregistration(operation_key key, std::string error_code, std::string message,
                                              timestamp now = now_utc())
     {
-        return fail_operation(operation_id, license_operation::deregistration, std::move(error_code),
+        return fail_operation(key, license_operation::deregistration, std::move(error_code),
                               std::move(message), now);
     }
 
@@ -361,6 +411,12 @@ private:
         if (pending && license.operation_id == 0) {
             return "license.operation_id";
         }
+        if (!license.claim_holder.empty() && (!pending || license.fence == no_fence)) {
+            return "license.claim_holder";
+        }
+        if (license.claim_holder.empty() == license.claim_expires_at.has_value()) {
+            return "license.claim_expires_at";
+        }
         return {};
     }
 
@@ -384,6 +440,8 @@ private:
         next.attempts = 0;
         next.last_error.reset();
         next.last_warning.reset();
+        next.claim_holder.clear();
+        next.claim_expires_at.reset();
         return next;
     }
 
@@ -397,6 +455,8 @@ private:
         next.reregister = false;
         next.finished_at = now;
         next.last_error.reset();
+        next.claim_holder.clear();
+        next.claim_expires_at.reset();
         return next;
     }
 
@@ -407,28 +467,47 @@ private:
                license.last_operation == kind && license.last_outcome == outcome;
     }
 
-    /// Checks that `operation_id` may finish with `outcome`: it is pending (and started, for a
-    /// completion), or it already finished the same way.
-    result<void> check_finish(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const
+    /// Checks that a report under `key.fence` comes from the current claim. The fence must be
+    /// the fence of the last claim, even when that claim expired, as long as no other controller
+    /// took the operation over: classic fencing, which only a newer claim invalidates.
+    /// `no_fence` is accepted only while nobody has claimed the operation. After the operation
+    /// finished, the claim is gone and the last fence (or `no_fence`) still names it, so a
+    /// repeated report is accepted.
+    result<void> check_claim(operation_key key) const
     {
         const auto& license = *state_.license.state_;
-        if (already_finished(operation_id, kind, outcome)) {
+        if (key.fence == no_fence && license.claim_holder.empty()) {
             return success();
         }
-        if (operation_id != license.operation_id || license.pending_operation != kind) {
+        if (key.fence != license.fence) {
+            return errc::claim_lost;
+        }
+        return success();
+    }
+
+    /// Checks that `key` may finish with `outcome`: it is pending (and started, for a
+    /// completion), or it already finished the same way, and its fence is current.
+    result<void> check_finish(operation_key key, license_operation kind, operation_outcome outcome) const
+    {
+        const auto& license = *state_.license.state_;
+        if (already_finished(key.operation_id, kind, outcome)) {
+            return check_claim(key);
+        }
+        if (key.operation_id != license.operation_id || license.pending_operation != kind) {
             return errc::stale_operation;
         }
+        BOOST_OUTCOME_TRY(check_claim(key));
         if (outcome == operation_outcome::completed && !license.operation_in_progress) {
             return errc::operation_not_started;
         }
         return success();
     }
 
-    result<void> fail_operation(std::uint64_t operation_id, license_operation kind, std::string error_code,
+    result<void> fail_operation(operation_key key, license_operation kind, std::string error_code,
                                 std::string message, timestamp now)
     {
-        BOOST_OUTCOME_TRY(check_finish(operation_id, kind, operation_outcome::failed));
-        if (already_finished(operation_id, kind, operation_outcome::failed)) {
+        BOOST_OUTCOME_TRY(check_finish(key, kind, operation_outcome::failed));
+        if (already_finished(key.operation_id, kind, operation_outcome::failed)) {
             return success();
         }
 

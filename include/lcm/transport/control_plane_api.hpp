@@ -135,6 +135,8 @@ private:
             [this](request_context& c) { return list_tasks(c); });
         add(verb::get, "/api/internal/workers/{worker_id}/license-task", access::internal,
             [this](request_context& c) { return get_task(c); });
+        add(verb::post, "/api/internal/workers/{worker_id}/license/claim", access::internal,
+            [this](request_context& c) { return claim_operation(c); });
         add(verb::post, "/api/internal/workers/{worker_id}/operations/{operation_id}/start", access::internal,
             [this](request_context& c) { return start_operation(c); });
         add(verb::post, "/api/internal/workers/{worker_id}/operations/{operation_id}/complete-registration",
@@ -255,10 +257,10 @@ private:
         return make_error_response(errc::invalid_argument, "path parameter 'operation_id' must be an unsigned integer");
     }
 
-    /// Reads the operation id from the path and the JSON body of a step report. Returns the
-    /// error response when either is invalid, and nothing otherwise.
+    /// Reads the operation id from the path, and the JSON body of a step report with its
+    /// optional `fence`. Returns the error response when any is invalid, and nothing otherwise.
     static std::optional<http_response> read_report(const request_context& context, bool body_required,
-                                                    std::uint64_t& operation_id, boost::json::value& body)
+                                                    domain::operation_key& key, boost::json::value& body)
     {
         auto parsed_id = operation_id_of(context);
         if (!parsed_id) {
@@ -268,7 +270,11 @@ private:
         if (!parsed_body) {
             return body_error(parsed_body.error());
         }
-        operation_id = parsed_id.value();
+        auto fence = detail::decode_fence(parsed_body.value());
+        if (!fence) {
+            return field_error("fence", "an unsigned integer");
+        }
+        key = domain::operation_key(parsed_id.value(), fence.value());
         body = std::move(parsed_body).value();
         return std::nullopt;
     }
@@ -469,22 +475,67 @@ private:
         co_return make_json_response(http::status::ok, body);
     }
 
+    /// The maximum lease a claim may request.
+    static constexpr std::chrono::hours max_lease{1};
+
+    /// Claims the worker's pending operation for `holder`, or renews the holder's claim.
+    /// Responds with the task, which carries `fence` and `claim_expires_at`, or with 409
+    /// `claimed` and the other controller's claim while that claim is unexpired.
+    boost::asio::awaitable<http_response> claim_operation(request_context& context)
+    {
+        auto body = json_body(context, true);
+        if (!body) {
+            co_return body_error(body.error());
+        }
+        domain::detail::json_reader reader(body.value());
+        auto holder = reader.string("holder");
+        if (reader.failed() || holder.empty() || holder.size() > domain::max_claim_holder_length) {
+            co_return field_error("holder", "a string of 1 to " + std::to_string(domain::max_claim_holder_length) +
+                                                " characters");
+        }
+        const auto* seconds = body.value().get_object().if_contains("lease_seconds");
+        const double lease_seconds = seconds && seconds->is_number() ? seconds->to_number<double>() : 0.0;
+        const auto max_seconds = std::chrono::duration<double>(max_lease).count();
+        if (!(lease_seconds >= 0.001 && lease_seconds <= max_seconds)) {
+            co_return field_error("lease_seconds", "a number from 0.001 to " +
+                                                       std::to_string(static_cast<int>(max_seconds)));
+        }
+        const auto lease = std::chrono::milliseconds(static_cast<std::int64_t>(lease_seconds * 1000.0));
+
+        std::string worker_id(context.path_parameter("worker_id"));
+        auto decision = co_await plane_.claim_operation(std::move(worker_id), std::move(holder), lease);
+        if (!decision) {
+            co_return command_error(context, decision.error());
+        }
+        const auto claim = controller::claim_of(decision.value());
+        if (!claim.task) {
+            const auto error = make_error_code(errc::claimed);
+            boost::json::object answer{{"code", error_name(error)}, {"message", error.message()}};
+            detail::encode_foreign_claim(answer, claim);
+            co_return make_json_response(static_cast<http::status>(http_status(error)), answer);
+        }
+        boost::json::object answer{{"task", detail::encode_task(*claim.task)},
+                                   {"claim_remaining_ms", claim.remaining.count()}};
+        co_return make_json_response(http::status::ok, answer);
+    }
+
     boost::asio::awaitable<http_response> start_operation(request_context& context)
     {
-        auto operation_id = operation_id_of(context);
-        if (!operation_id) {
-            co_return operation_id_error();
+        domain::operation_key key;
+        boost::json::value body;
+        if (auto rejected = read_report(context, false, key, body)) {
+            co_return std::move(*rejected);
         }
         std::string worker_id(context.path_parameter("worker_id"));
-        auto started = co_await plane_.start_operation(std::move(worker_id), operation_id.value());
+        auto started = co_await plane_.start_operation(std::move(worker_id), key);
         co_return worker_response(context, started);
     }
 
     boost::asio::awaitable<http_response> complete_registration(request_context& context)
     {
-        std::uint64_t operation_id = 0;
+        domain::operation_key key;
         boost::json::value body;
-        if (auto rejected = read_report(context, true, operation_id, body)) {
+        if (auto rejected = read_report(context, true, key, body)) {
             co_return std::move(*rejected);
         }
         std::string field;
@@ -493,16 +544,15 @@ private:
             co_return field_error(field, "of the documented type");
         }
         std::string worker_id(context.path_parameter("worker_id"));
-        auto completed =
-            co_await plane_.complete_registration(std::move(worker_id), operation_id, std::move(details).value());
+        auto completed = co_await plane_.complete_registration(std::move(worker_id), key, std::move(details).value());
         co_return worker_response(context, completed);
     }
 
     boost::asio::awaitable<http_response> complete_deregistration(request_context& context)
     {
-        std::uint64_t operation_id = 0;
+        domain::operation_key key;
         boost::json::value body;
-        if (auto rejected = read_report(context, false, operation_id, body)) {
+        if (auto rejected = read_report(context, false, key, body)) {
             co_return std::move(*rejected);
         }
         std::optional<std::string> warning;
@@ -513,16 +563,15 @@ private:
             warning = std::string(text->get_string());
         }
         std::string worker_id(context.path_parameter("worker_id"));
-        auto completed =
-            co_await plane_.complete_deregistration(std::move(worker_id), operation_id, std::move(warning));
+        auto completed = co_await plane_.complete_deregistration(std::move(worker_id), key, std::move(warning));
         co_return worker_response(context, completed);
     }
 
     boost::asio::awaitable<http_response> fail_operation(request_context& context)
     {
-        std::uint64_t operation_id = 0;
+        domain::operation_key key;
         boost::json::value body;
-        if (auto rejected = read_report(context, true, operation_id, body)) {
+        if (auto rejected = read_report(context, true, key, body)) {
             co_return std::move(*rejected);
         }
         domain::detail::json_reader reader(body);
@@ -535,8 +584,7 @@ private:
             co_return field_error("message", "a string");
         }
         std::string worker_id(context.path_parameter("worker_id"));
-        auto failed = co_await plane_.fail_operation(std::move(worker_id), operation_id, std::move(code),
-                                                     std::move(message));
+        auto failed = co_await plane_.fail_operation(std::move(worker_id), key, std::move(code), std::move(message));
         co_return worker_response(context, failed);
     }
 

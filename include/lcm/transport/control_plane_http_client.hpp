@@ -133,33 +133,69 @@ public:
         co_return std::optional<controller::license_task>(std::move(decoded));
     }
 
-    boost::asio::awaitable<result<void>> start(std::string_view worker_id, std::uint64_t operation_id)
+    /// Claims the worker's pending operation for `holder` for `lease`, or renews the holder's
+    /// claim. The lease is sent in seconds with millisecond precision.
+    boost::asio::awaitable<result<controller::license_claim>> claim(std::string_view worker_id, std::string_view holder,
+                                                                    std::chrono::milliseconds lease)
     {
-        co_return co_await report(worker_id, operation_id, "start", std::nullopt);
+        auto target = make_target({"api", "internal", "workers", worker_id, "license", "claim"});
+        boost::json::value body = boost::json::object{{"holder", holder},
+                                                      {"lease_seconds", static_cast<double>(lease.count()) / 1000.0}};
+        boost::json::value error_body;
+        const std::chrono::milliseconds no_extra_wait{0};
+        auto answer = co_await call(http::verb::post, std::move(target), std::move(body), no_extra_wait, &error_body);
+        if (!answer && answer.error() == errc::claimed) {
+            co_return detail::decode_foreign_claim(error_body);
+        }
+        if (!answer) {
+            co_return answer.error();
+        }
+        const auto* task = answer.value().is_object() ? answer.value().get_object().if_contains("task") : nullptr;
+        if (!task) {
+            co_return errc::protocol_error;
+        }
+        BOOST_OUTCOME_CO_TRY(auto decoded, detail::decode_task(*task));
+        domain::detail::json_reader reader(answer.value());
+        controller::license_claim claim;
+        claim.remaining = std::chrono::milliseconds(reader.integer("claim_remaining_ms"));
+        if (reader.failed() || !decoded.claim_expires_at) {
+            co_return errc::protocol_error;
+        }
+        claim.holder = decoded.claim_holder;
+        claim.expires_at = *decoded.claim_expires_at;
+        decoded.claim_remaining = claim.remaining;
+        claim.task = std::move(decoded);
+        co_return claim;
     }
 
-    boost::asio::awaitable<result<void>> complete_registration(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> start(std::string_view worker_id, domain::operation_key key)
+    {
+        boost::json::object body;
+        co_return co_await report(worker_id, key, "start", std::move(body));
+    }
+
+    boost::asio::awaitable<result<void>> complete_registration(std::string_view worker_id, domain::operation_key key,
                                                                domain::registration_details details)
     {
-        boost::json::value body = detail::encode_details(details);
-        co_return co_await report(worker_id, operation_id, "complete-registration", std::move(body));
+        auto body = detail::encode_details(details);
+        co_return co_await report(worker_id, key, "complete-registration", std::move(body));
     }
 
-    boost::asio::awaitable<result<void>> complete_deregistration(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> complete_deregistration(std::string_view worker_id, domain::operation_key key,
                                                                  std::optional<std::string> warning)
     {
-        boost::json::value body = boost::json::object{
+        boost::json::object body{
             {"warning", warning ? boost::json::value(std::move(*warning)) : boost::json::value(nullptr)}};
-        co_return co_await report(worker_id, operation_id, "complete-deregistration", std::move(body));
+        co_return co_await report(worker_id, key, "complete-deregistration", std::move(body));
     }
 
     /// Reports the failure of an operation. `message` may quote CML's text; the control
     /// plane stores it with tokens redacted.
-    boost::asio::awaitable<result<void>> fail(std::string_view worker_id, std::uint64_t operation_id,
+    boost::asio::awaitable<result<void>> fail(std::string_view worker_id, domain::operation_key key,
                                               std::string error_code, std::string message)
     {
-        boost::json::value body = boost::json::object{{"code", std::move(error_code)}, {"message", std::move(message)}};
-        co_return co_await report(worker_id, operation_id, "fail", std::move(body));
+        boost::json::object body{{"code", std::move(error_code)}, {"message", std::move(message)}};
+        co_return co_await report(worker_id, key, "fail", std::move(body));
     }
 
     /// Returns the control plane's current change sequence.
@@ -227,23 +263,28 @@ private:
         return value;
     }
 
-    boost::asio::awaitable<result<void>> report(std::string_view worker_id, std::uint64_t operation_id,
-                                                std::string_view step, std::optional<boost::json::value> body)
+    /// Posts a step report. The body carries the fence of `key` besides the step's own fields.
+    boost::asio::awaitable<result<void>> report(std::string_view worker_id, domain::operation_key key,
+                                                std::string_view step, boost::json::object fields)
     {
         auto target = make_target(
-            {"api", "internal", "workers", worker_id, "operations", std::to_string(operation_id), step});
+            {"api", "internal", "workers", worker_id, "operations", std::to_string(key.operation_id), step});
+        fields["fence"] = key.fence;
+        std::optional<boost::json::value> body(std::move(fields));
         BOOST_OUTCOME_CO_TRY(co_await call(http::verb::post, std::move(target), std::move(body)));
         co_return success();
     }
 
     /// Sends one request with retries and returns the parsed body of a 2xx response.
     /// `extra_wait` is added to the timeouts for requests the server holds on purpose.
+    /// `error_body`, when given, receives the parsed body of a 4xx response.
     boost::asio::awaitable<result<boost::json::value>> call(http::verb method, std::string target,
                                                             std::optional<boost::json::value> body,
-                                                            std::chrono::milliseconds extra_wait = {})
+                                                            std::chrono::milliseconds extra_wait = {},
+                                                            boost::json::value* error_body = nullptr)
     {
         try {
-            co_return co_await call_with_retries(method, std::move(target), std::move(body), extra_wait);
+            co_return co_await call_with_retries(method, std::move(target), std::move(body), extra_wait, error_body);
         }
         catch (const boost::system::system_error& exception) {
             // After a cancellation, awaiting anything throws operation_aborted.
@@ -256,7 +297,8 @@ private:
 
     boost::asio::awaitable<result<boost::json::value>> call_with_retries(http::verb method, std::string target,
                                                                          std::optional<boost::json::value> body,
-                                                                         std::chrono::milliseconds extra_wait)
+                                                                         std::chrono::milliseconds extra_wait,
+                                                                         boost::json::value* error_body)
     {
         http_request request{method, target, 11};
         request.set(http::field::host, options_.host + ":" + std::to_string(options_.port));
@@ -286,6 +328,10 @@ private:
                 }
                 last_error = error_of(response);
                 if (response.result_int() < 500) {
+                    if (error_body) {
+                        boost::system::error_code parse_error;
+                        *error_body = boost::json::parse(response.body(), parse_error);
+                    }
                     co_return last_error;
                 }
             }

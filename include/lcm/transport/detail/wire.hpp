@@ -9,6 +9,7 @@
 
 #include <boost/json/value.hpp>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -31,6 +32,9 @@ inline boost::json::object encode_task(const controller::license_task& task)
         {"requested_at", domain::detail::encode_optional_time(task.requested_at)},
         {"started_at", domain::detail::encode_optional_time(task.started_at)},
         {"attempts", task.attempts},
+        {"claim_holder", task.claim_holder},
+        {"claim_expires_at", domain::detail::encode_optional_time(task.claim_expires_at)},
+        {"fence", task.fence},
     };
 }
 
@@ -51,6 +55,12 @@ inline result<controller::license_task> decode_task(const boost::json::value& va
     task.requested_at = reader.optional_time("requested_at");
     task.started_at = reader.optional_time("started_at");
     task.attempts = static_cast<std::uint32_t>(reader.unsigned_integer("attempts"));
+    // Servers that predate claims send none of the claim fields.
+    task.claim_holder = reader.optional_string("claim_holder").value_or(std::string());
+    task.claim_expires_at = reader.optional_time("claim_expires_at");
+    if (reader.find("fence")) {
+        task.fence = reader.unsigned_integer("fence");
+    }
     if (reader.failed()) {
         return errc::protocol_error;
     }
@@ -117,10 +127,51 @@ inline result<domain::registration_details> decode_details(const boost::json::va
     return details;
 }
 
+/// Reads the optional `fence` of a step report: `no_fence` when absent or null. Fails with
+/// `errc::invalid_argument` when it is not an unsigned integer.
+inline result<std::uint64_t> decode_fence(const boost::json::value& body)
+{
+    const auto* fence = body.is_object() ? body.get_object().if_contains("fence") : nullptr;
+    if (!fence || fence->is_null()) {
+        return domain::no_fence;
+    }
+    if (fence->is_uint64()) {
+        return fence->get_uint64();
+    }
+    if (fence->is_int64() && fence->get_int64() >= 0) {
+        return static_cast<std::uint64_t>(fence->get_int64());
+    }
+    return errc::invalid_argument;
+}
+
+/// Encodes the fields of a claim that another controller holds, which the 409 response to a
+/// claim carries besides `code` and `message`.
+inline void encode_foreign_claim(boost::json::object& body, const controller::license_claim& claim)
+{
+    body["holder"] = claim.holder;
+    body["claim_expires_at"] = format_timestamp(claim.expires_at);
+    body["claim_remaining_ms"] = claim.remaining.count();
+}
+
+/// Decodes the claim that another controller holds from a 409 response to a claim. Fails with
+/// `errc::protocol_error`.
+inline result<controller::license_claim> decode_foreign_claim(const boost::json::value& body)
+{
+    domain::detail::json_reader reader(body);
+    controller::license_claim claim;
+    claim.holder = reader.string("holder");
+    claim.expires_at = reader.time("claim_expires_at");
+    claim.remaining = std::chrono::milliseconds(reader.integer("claim_remaining_ms"));
+    if (reader.failed()) {
+        return errc::protocol_error;
+    }
+    return claim;
+}
+
 /// Returns the error whose `lcm::error_name` is `name`, or nothing for an unknown name.
 inline std::optional<errc> errc_from_name(std::string_view name) noexcept
 {
-    for (int value = static_cast<int>(errc::not_found); value <= static_cast<int>(errc::cancelled); ++value) {
+    for (int value = static_cast<int>(errc::not_found); value <= static_cast<int>(errc::claimed); ++value) {
         if (name == error_name(static_cast<errc>(value))) {
             return static_cast<errc>(value);
         }
