@@ -57,6 +57,10 @@ struct license_reconciler_options {
     /// long before another controller takes them over. Each reconcile renews the claim once
     /// less than half of it remains, so it must be more than twice `poll_interval`. Otherwise
     /// a registration that CML is still working on would lose its claim between polls.
+    /// NOTE: a registration POST starts with as little as half the lease left, and the fence
+    /// guards the control plane, not CML. A POST that outlives the claim can therefore meet a
+    /// second POST from the controller that took over. Keep half the lease above the CML
+    /// client's total timeout where that matters; the defaults (30 s, 60 s) do not.
     std::chrono::milliseconds lease{30000};
     /// How long after another controller's claim expires this controller tries to take it over,
     /// so that the holder's last renewal wins a close race.
