@@ -73,15 +73,20 @@ inline unsigned short read_port(child_process& child)
 }
 
 /// Returns a random port above 1023 and outside the kernel's ephemeral port range
-/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 to 60999 when the file is missing), for
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 to 60999 when it is unreadable), for
 /// a program that restarts on the same port. The kernel picks the local port of each outgoing
 /// connection from that range, so a port outside it stays free while the program is down.
-/// Another listener may still hold the port, so callers try another one when the start fails.
+/// Another listener may still use the port, so callers try another one when the start fails.
 inline unsigned short pick_port_outside_ephemeral_range()
 {
     unsigned first_ephemeral = 32768;
     unsigned last_ephemeral = 60999;
-    std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> first_ephemeral >> last_ephemeral;
+    unsigned first_read = 0;
+    unsigned last_read = 0;
+    if (std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> first_read >> last_read) {
+        first_ephemeral = first_read;
+        last_ephemeral = last_read;
+    }
 
     constexpr unsigned first_allowed = 1024;
     constexpr unsigned last_allowed = 65535;
