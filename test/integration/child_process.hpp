@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -136,6 +137,16 @@ public:
             ::poll(nullptr, 0, 10);
         }
         return exit_status_;
+    }
+
+    /// Waits until the child's stderr contains `text`. Returns false when `timeout` passed or
+    /// the child closed stderr first.
+    bool wait_for_standard_error(std::string_view text, std::chrono::milliseconds timeout)
+    {
+        std::unique_lock lock(mutex_);
+        const auto contains_text = [&] { return stderr_.find(text) != std::string::npos; };
+        output_changed_.wait_for(lock, timeout, [&] { return contains_text() || !stderr_open_; });
+        return contains_text();
     }
 
     /// Everything the child wrote to stdout so far.

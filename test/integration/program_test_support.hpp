@@ -1,5 +1,6 @@
 // Helpers of the tests that run the example programs as child processes: secret files,
-// the bound port from the first line of stdout, a clean stop and a check for secrets.
+// the bound port from the first line of stdout, a port for a program that restarts, a clean
+// stop, a kill and a check for secrets.
 #pragma once
 
 #include "child_process.hpp"
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -70,6 +72,36 @@ inline unsigned short read_port(child_process& child)
     return url->port_number();
 }
 
+/// Returns a random port above 1023 and outside the kernel's ephemeral port range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 to 60999 when it is unreadable), for
+/// a program that restarts on the same port. The kernel picks the local port of each outgoing
+/// connection from that range, so a port outside it stays free while the program is down.
+/// Another listener may still use the port, so callers try another one when the start fails.
+inline unsigned short pick_port_outside_ephemeral_range()
+{
+    unsigned first_ephemeral = 32768;
+    unsigned last_ephemeral = 60999;
+    unsigned first_read = 0;
+    unsigned last_read = 0;
+    if (std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> first_read >> last_read) {
+        first_ephemeral = first_read;
+        last_ephemeral = last_read;
+    }
+
+    constexpr unsigned first_allowed = 1024;
+    constexpr unsigned last_allowed = 65535;
+    const unsigned below = first_ephemeral > first_allowed ? first_ephemeral - first_allowed : 0;
+    const unsigned above = last_ephemeral < last_allowed ? last_allowed - last_ephemeral : 0;
+    INFO("ephemeral port range " << first_ephemeral << " to " << last_ephemeral);
+    REQUIRE(below + above > 0);
+
+    std::random_device seed;
+    std::uniform_int_distribution<unsigned> pick(0, below + above - 1);
+    const unsigned offset = pick(seed);
+    const unsigned port = offset < below ? first_allowed + offset : last_ephemeral + 1 + (offset - below);
+    return static_cast<unsigned short>(port);
+}
+
 /// Sends SIGTERM and checks that the program exits with 0.
 inline void stop_cleanly(child_process& child)
 {
@@ -78,6 +110,15 @@ inline void stop_cleanly(child_process& child)
     INFO("stderr: " << child.standard_error());
     REQUIRE(status);
     CHECK(*status == 0);
+}
+
+/// Sends SIGKILL and checks that the signal ended the program.
+inline void kill_program(child_process& child)
+{
+    child.send_signal(SIGKILL);
+    const auto status = child.wait_for_exit(exit_timeout);
+    REQUIRE(status);
+    CHECK(*status == 128 + SIGKILL);
 }
 
 /// Checks that no value of `secrets` appears in the child's stdout or stderr.

@@ -1,6 +1,7 @@
 // The license flow across the three programs as processes on 127.0.0.1: lcm-fake-cml,
-// lcm-control-plane and lcm-worker-controller. The worker-controller is killed with SIGKILL
-// while registrations run and started again, and every operation must still end exactly once.
+// lcm-control-plane and lcm-worker-controller. The worker-controller, or in another test the
+// control plane on its SQLite file, is killed with SIGKILL while registrations run and started
+// again, and every operation must still end exactly once.
 #if defined(LCM_FAKE_CML_PROGRAM) && defined(LCM_CONTROL_PLANE_PROGRAM) && defined(LCM_WORKER_CONTROLLER_PROGRAM)
 
 #include "cml_http_test_support.hpp"
@@ -34,6 +35,22 @@ constexpr std::size_t rejected_every = 8;
 constexpr std::size_t deregistered_every = 4;
 /// The hard limit on the whole flow, below ctest's timeout of the test.
 constexpr auto flow_timeout = std::chrono::seconds(90);
+/// Workers whose registration the control-plane restart test requests and finishes before
+/// the run that the kill interrupts. The run deregisters those that were registered.
+constexpr std::size_t registered_before_run = 10;
+/// Operations of the run that must have started before the control plane is killed.
+constexpr std::size_t run_started_before_kill = 8;
+/// The delay of each fake CML response during the run, in ms. A reconcile that starts a
+/// registration occupies one of four slots for three CML calls, so the delay bounds the start
+/// rate to about 50 per second, and the test sees the run before every operation started.
+constexpr int run_cml_latency_ms = 25;
+/// Times the control-plane restart test tries another port when its first start fails.
+constexpr int max_port_attempts = 20;
+/// The worker-controller's log message when a change-feed read failed after all its attempts.
+constexpr std::string_view change_feed_failed = "reading the control plane's change feed failed";
+/// The maximum wait for that message after the kill. The worker-controller's client gives up
+/// after four attempts and about 350 ms of backoff.
+constexpr auto outage_timeout = std::chrono::seconds(10);
 
 /// A token in CML's format, different for each worker so the output check finds any of them.
 std::string token_of(std::size_t index)
@@ -62,9 +79,9 @@ struct program_setup {
         return std::make_unique<child_process>(LCM_FAKE_CML_PROGRAM, arguments);
     }
 
-    std::unique_ptr<child_process> start_control_plane() const
+    std::unique_ptr<child_process> start_control_plane(const std::string& listen = "127.0.0.1:0") const
     {
-        const std::vector<std::string> arguments{"--listen",         "127.0.0.1:0",    "--api-key-file",
+        const std::vector<std::string> arguments{"--listen",         listen,           "--api-key-file",
                                                  api_key_file,       "--admin-token-file", admin_token_file,
                                                  "--db",             "sqlite:" + files.path("control-plane.db")};
         return std::make_unique<child_process>(LCM_CONTROL_PLANE_PROGRAM, arguments);
@@ -155,14 +172,20 @@ bool all_settled(const worker_map& workers)
     return true;
 }
 
-/// Counts the workers whose current operation a worker-controller has started: those
-/// running now and those already finished. Sets `in_progress` to the running ones.
-std::size_t count_started(const worker_map& workers, std::size_t& in_progress)
+/// Counts the operations of `operations` (worker id to operation id) that a worker-controller
+/// has started: those running now and those already finished. Sets `in_progress` to the
+/// running ones. A worker whose current operation is another one does not count.
+std::size_t count_started(const worker_map& workers, const std::map<std::string, std::uint64_t>& operations,
+                          std::size_t& in_progress)
 {
     std::size_t started = 0;
     in_progress = 0;
-    for (const auto& [id, worker] : workers) {
+    for (const auto& [id, operation_id] : operations) {
+        const auto& worker = workers.at(id);
         const auto& license = license_of(worker);
+        if (license.at("operation_id").to_number<std::uint64_t>() != operation_id) {
+            continue;
+        }
         if (license.at("operation_in_progress").as_bool()) {
             ++in_progress;
             ++started;
@@ -193,6 +216,75 @@ void check_finished(const boost::json::object& worker, std::string_view operatio
     }
 }
 
+/// Checks the outcome of worker `index`'s registration `operation_id`: failed with
+/// `registration_failed` for a token that the fake CML rejects, else completed.
+void check_registration_outcome(const worker_map& workers, std::size_t index, std::uint64_t operation_id)
+{
+    const auto& worker = workers.at(worker_id_of(index));
+    check_finished(worker, "register", operation_id);
+    const auto& license = license_of(worker);
+    if (is_rejected(index)) {
+        CHECK(field(license, "last_outcome") == "failed");
+        CHECK(field(license.at("last_error").as_object(), "code") == "registration_failed");
+    }
+    else {
+        CHECK(field(license, "last_outcome") == "completed");
+        CHECK(field(license, "status") == "registered");
+    }
+}
+
+/// Checks that every deregistration of `deregistrations` (worker id to operation id) completed.
+void check_deregistrations_completed(const worker_map& workers,
+                                     const std::map<std::string, std::uint64_t>& deregistrations)
+{
+    for (const auto& [id, operation_id] : deregistrations) {
+        const auto& worker = workers.at(id);
+        check_finished(worker, "deregister", operation_id);
+        CHECK(field(license_of(worker), "last_outcome") == "completed");
+        CHECK(field(license_of(worker), "status") == "unregistered");
+    }
+}
+
+/// Checks that each worker still records its accepted operation of `operations` (worker id
+/// to operation id), as the pending one or, once it finished, as the last one.
+void check_intents_kept(const worker_map& workers, const std::map<std::string, std::uint64_t>& operations,
+                        std::string_view operation)
+{
+    for (const auto& [id, operation_id] : operations) {
+        INFO("worker " << id << ", accepted " << operation << " operation " << operation_id);
+        REQUIRE(workers.contains(id));
+        const auto& license = license_of(workers.at(id));
+        INFO("license: " << boost::json::serialize(license));
+        CHECK(license.at("operation_id").to_number<std::uint64_t>() == operation_id);
+        const bool pending = field(license, "pending_operation") == operation;
+        const bool finished =
+            field(license, "pending_operation") == "none" && field(license, "last_operation") == operation;
+        CHECK((pending || finished));
+    }
+}
+
+/// Checks that `after` kept every step that `before` showed: a finished operation is still
+/// finished with the same outcome, and a started one is still started or has finished.
+void check_no_step_lost(const worker_map& before, const worker_map& after)
+{
+    for (const auto& [id, worker] : before) {
+        const auto& old_license = license_of(worker);
+        REQUIRE(after.contains(id));
+        const auto& new_license = license_of(after.at(id));
+        INFO("worker " << id << " before: " << boost::json::serialize(old_license)
+                       << "\nafter: " << boost::json::serialize(new_license));
+        CHECK(new_license.at("operation_id") == old_license.at("operation_id"));
+        if (!has_pending_operation(worker)) {
+            CHECK_FALSE(has_pending_operation(after.at(id)));
+            CHECK(field(new_license, "last_outcome") == field(old_license, "last_outcome"));
+        }
+        else if (old_license.at("operation_in_progress").as_bool()) {
+            const bool started = new_license.at("operation_in_progress").as_bool();
+            CHECK((started || !has_pending_operation(after.at(id))));
+        }
+    }
+}
+
 /// Returns the counters of one fake CML instance.
 asio::awaitable<boost::json::object> read_instance_counters(unsigned short port, const std::string& instance)
 {
@@ -200,6 +292,77 @@ asio::awaitable<boost::json::object> read_instance_counters(unsigned short port,
     auto response = co_await call(port, http::verb::get, target, credentials::none);
     REQUIRE(response.result() == http::status::ok);
     co_return json_of(response);
+}
+
+/// Adds the `worker_count` workers, each pointing at its own instance of the fake CML on
+/// `cml_port`.
+asio::awaitable<void> add_workers(unsigned short plane_port, unsigned short cml_port)
+{
+    for (std::size_t i = 0; i < worker_count; ++i) {
+        const auto id = worker_id_of(i);
+        const auto cml_url = "http://127.0.0.1:" + std::to_string(cml_port) + "/instances/" + id;
+        boost::json::object worker{
+            {"id", id}, {"name", "e2e worker " + std::to_string(i)}, {"cml_url", cml_url}, {"status", "running"}};
+        const auto body = boost::json::serialize(worker);
+        auto added = co_await call(plane_port, http::verb::post, "/api/workers", credentials::admin, body);
+        REQUIRE(added.result() == http::status::created);
+    }
+}
+
+/// Requests the registration of worker `index`'s token and returns the accepted operation id.
+asio::awaitable<std::uint64_t> request_registration(unsigned short plane_port, std::size_t index)
+{
+    const std::string body = R"({"token": ")" + token_of(index) + R"("})";
+    const auto target = "/api/workers/" + worker_id_of(index) + "/license";
+    auto accepted = co_await call(plane_port, http::verb::post, target, credentials::admin, body);
+    REQUIRE(accepted.result() == http::status::accepted);
+    CHECK(accepted.body().find(token_of(index)) == std::string::npos);
+    co_return json_of(accepted).at("operation_id").to_number<std::uint64_t>();
+}
+
+/// Requests the deregistration of the worker's license and returns the accepted operation id.
+asio::awaitable<std::uint64_t> request_deregistration(unsigned short plane_port, const std::string& worker_id)
+{
+    const auto target = "/api/workers/" + worker_id + "/license";
+    auto accepted = co_await call(plane_port, http::verb::delete_, target, credentials::admin);
+    REQUIRE(accepted.result() == http::status::accepted);
+    co_return json_of(accepted).at("operation_id").to_number<std::uint64_t>();
+}
+
+/// Requests the deregistration of every `deregistered_every`-th worker from index `first` on,
+/// and returns the accepted operation ids by worker id.
+asio::awaitable<std::map<std::string, std::uint64_t>> request_deregistrations_from(unsigned short plane_port,
+                                                                                   std::size_t first)
+{
+    std::map<std::string, std::uint64_t> accepted;
+    for (std::size_t i = first; i < worker_count; i += deregistered_every) {
+        REQUIRE_FALSE(is_rejected(i));
+        const auto id = worker_id_of(i);
+        const auto operation_id = co_await request_deregistration(plane_port, id);
+        accepted[id] = operation_id;
+    }
+    co_return accepted;
+}
+
+/// Checks that the fake CML instance of each of the `worker_count` workers received and
+/// accepted exactly one registration POST, and one deregistration for each worker in
+/// `deregistrations`.
+asio::awaitable<void> check_one_registration_post_each(unsigned short cml_port,
+                                                       const std::map<std::string, std::uint64_t>& deregistrations)
+{
+    for (std::size_t i = 0; i < worker_count; ++i) {
+        const auto id = worker_id_of(i);
+        INFO("instance " << id);
+        auto counters = co_await read_instance_counters(cml_port, id);
+        CHECK(counters.at("accepted_registrations").to_number<std::uint64_t>() == 1);
+        // The controller did not even try a second POST, which CML would reject with 409.
+        CHECK(counters.at("received").at("register_license").to_number<std::uint64_t>() == 1);
+        CHECK(counters.at("deregistrations").to_number<std::uint64_t>() == deregistrations.count(id));
+    }
+    auto totals = co_await call(cml_port, http::verb::get, "/_fake/counters", credentials::none);
+    REQUIRE(totals.result() == http::status::ok);
+    CHECK(json_of(totals).at("accepted_registrations").to_number<std::uint64_t>() == worker_count);
+    CHECK(json_of(totals).at("instances").to_number<std::uint64_t>() == worker_count);
 }
 
 asio::awaitable<std::string> read_metrics(unsigned short port)
@@ -232,6 +395,25 @@ std::vector<std::string> all_secrets()
     return secrets;
 }
 
+/// Starts the control plane on a port outside the ephemeral range and sets `port` to it.
+/// Tries another port when the control plane does not start, because the port may be taken.
+std::unique_ptr<child_process> start_control_plane_on_fixed_port(const program_setup& setup, unsigned short& port)
+{
+    std::string last_error;
+    for (int attempt = 0; attempt < max_port_attempts; ++attempt) {
+        port = pick_port_outside_ephemeral_range();
+        auto control_plane = setup.start_control_plane("127.0.0.1:" + std::to_string(port));
+        if (control_plane->read_first_line(start_timeout)) {
+            CHECK(read_port(*control_plane) == port);
+            return control_plane;
+        }
+        control_plane->wait_for_exit(exit_timeout);
+        last_error = control_plane->standard_error();
+    }
+    FAIL("the control plane did not start on any of " << max_port_attempts << " ports; last stderr: " << last_error);
+    return nullptr;
+}
+
 std::size_t count_occurrences(const std::string& text, std::string_view needle)
 {
     std::size_t count = 0;
@@ -241,6 +423,13 @@ std::size_t count_occurrences(const std::string& text, std::string_view needle)
         position = text.find(needle, position + 1);
     }
     return count;
+}
+
+/// Counts the control plane's log lines of the license event `type`, such as
+/// `registration.requested`.
+std::size_t count_license_events(const std::string& log, std::string_view type)
+{
+    return count_occurrences(log, "event=cml_worker.license." + std::string(type) + ".v1");
 }
 
 } // namespace
@@ -264,17 +453,7 @@ TEST_CASE("license flow survives controller kill", "[integration][programs]")
     asio::io_context context;
     auto flow = [&]() -> asio::awaitable<void> {
         const auto deadline = std::chrono::steady_clock::now() + flow_timeout - std::chrono::seconds(5);
-
-        // Each worker points at its own fake CML instance.
-        for (std::size_t i = 0; i < worker_count; ++i) {
-            const auto id = worker_id_of(i);
-            const auto cml_url = "http://127.0.0.1:" + std::to_string(cml_port) + "/instances/" + id;
-            boost::json::object worker{
-                {"id", id}, {"name", "e2e worker " + std::to_string(i)}, {"cml_url", cml_url}, {"status", "running"}};
-            const auto body = boost::json::serialize(worker);
-            auto added = co_await call(plane_port, http::verb::post, "/api/workers", credentials::admin, body);
-            REQUIRE(added.result() == http::status::created);
-        }
+        co_await add_workers(plane_port, cml_port);
 
         // A token outside CML's format is rejected at once and starts no operation.
         const std::string invalid_body = R"({"token": ")" + invalid_token + R"("})";
@@ -285,37 +464,29 @@ TEST_CASE("license flow survives controller kill", "[integration][programs]")
         CHECK(invalid.body().find(invalid_token) == std::string::npos);
 
         for (std::size_t i = 0; i < worker_count; ++i) {
-            const auto id = worker_id_of(i);
-            const std::string body = R"({"token": ")" + token_of(i) + R"("})";
-            const auto target = "/api/workers/" + id + "/license";
-            auto accepted = co_await call(plane_port, http::verb::post, target, credentials::admin, body);
-            REQUIRE(accepted.result() == http::status::accepted);
-            CHECK(accepted.body().find(token_of(i)) == std::string::npos);
-            registrations[id] = json_of(accepted).at("operation_id").to_number<std::uint64_t>();
+            const auto operation_id = co_await request_registration(plane_port, i);
+            registrations[worker_id_of(i)] = operation_id;
         }
 
         // Kill the worker-controller once enough operations started and some still run.
-        auto kill_point = [](const worker_map& workers) {
+        auto kill_point = [&registrations](const worker_map& workers) {
             std::size_t in_progress = 0;
-            const auto started = count_started(workers, in_progress);
+            const auto started = count_started(workers, registrations, in_progress);
             return started >= started_before_kill && in_progress > 0 && started < worker_count;
         };
         const auto before_kill =
             co_await wait_for_workers(plane_port, kill_point, deadline, "enough registrations started");
-        first_controller->send_signal(SIGKILL);
-        const auto killed = first_controller->wait_for_exit(exit_timeout);
-        REQUIRE(killed);
-        CHECK(*killed == 128 + SIGKILL);
+        kill_program(*first_controller);
 
         // Nothing changes the workers while no controller runs, so this state is the one the
         // kill left: some registrations started but unfinished, some never started.
         auto interrupted = co_await read_workers(plane_port);
         std::size_t in_progress = 0;
-        const auto started = count_started(interrupted, in_progress);
+        const auto started = count_started(interrupted, registrations, in_progress);
         CHECK(in_progress > 0);
         CHECK(started < worker_count);
         std::size_t in_progress_before_kill = 0;
-        CHECK(started >= count_started(before_kill, in_progress_before_kill));
+        CHECK(started >= count_started(before_kill, registrations, in_progress_before_kill));
 
         // The kill landed mid-registration at CML: it accepted the POST of an operation that
         // the control plane still shows as running.
@@ -335,49 +506,15 @@ TEST_CASE("license flow survives controller kill", "[integration][programs]")
         second_metrics_port = read_port(*second_controller);
         auto settled = co_await wait_for_workers(plane_port, all_settled, deadline, "every registration finished");
         for (std::size_t i = 0; i < worker_count; ++i) {
-            const auto& worker = settled.at(worker_id_of(i));
-            check_finished(worker, "register", registrations.at(worker_id_of(i)));
-            const auto& license = license_of(worker);
-            if (is_rejected(i)) {
-                CHECK(field(license, "last_outcome") == "failed");
-                CHECK(field(license.at("last_error").as_object(), "code") == "registration_failed");
-            }
-            else {
-                CHECK(field(license, "last_outcome") == "completed");
-                CHECK(field(license, "status") == "registered");
-            }
+            check_registration_outcome(settled, i, registrations.at(worker_id_of(i)));
         }
 
-        for (std::size_t i = 1; i < worker_count; i += deregistered_every) {
-            REQUIRE_FALSE(is_rejected(i));
-            const auto id = worker_id_of(i);
-            const auto target = "/api/workers/" + id + "/license";
-            auto accepted = co_await call(plane_port, http::verb::delete_, target, credentials::admin);
-            REQUIRE(accepted.result() == http::status::accepted);
-            deregistrations[id] = json_of(accepted).at("operation_id").to_number<std::uint64_t>();
-        }
+        deregistrations = co_await request_deregistrations_from(plane_port, 1);
         settled = co_await wait_for_workers(plane_port, all_settled, deadline, "every deregistration finished");
-        for (const auto& [id, operation_id] : deregistrations) {
-            const auto& worker = settled.at(id);
-            check_finished(worker, "deregister", operation_id);
-            CHECK(field(license_of(worker), "last_outcome") == "completed");
-            CHECK(field(license_of(worker), "status") == "unregistered");
-        }
+        check_deregistrations_completed(settled, deregistrations);
 
         // CML accepted exactly one registration POST per operation, despite the kill.
-        for (std::size_t i = 0; i < worker_count; ++i) {
-            const auto id = worker_id_of(i);
-            INFO("instance " << id);
-            auto counters = co_await read_instance_counters(cml_port, id);
-            CHECK(counters.at("accepted_registrations").to_number<std::uint64_t>() == 1);
-            // The controller did not even try a second POST, which CML would reject with 409.
-            CHECK(counters.at("received").at("register_license").to_number<std::uint64_t>() == 1);
-            CHECK(counters.at("deregistrations").to_number<std::uint64_t>() == deregistrations.count(id));
-        }
-        auto totals = co_await call(cml_port, http::verb::get, "/_fake/counters", credentials::none);
-        REQUIRE(totals.result() == http::status::ok);
-        CHECK(json_of(totals).at("accepted_registrations").to_number<std::uint64_t>() == worker_count);
-        CHECK(json_of(totals).at("instances").to_number<std::uint64_t>() == worker_count);
+        co_await check_one_registration_post_each(cml_port, deregistrations);
 
         const auto plane_metrics = co_await read_metrics(plane_port);
         const std::string license_route = R"(method="POST",route="/api/workers/{worker_id}/license")";
@@ -406,10 +543,9 @@ TEST_CASE("license flow survives controller kill", "[integration][programs]")
 
     // The control plane logs every domain event, so its log contains each worker's timeline.
     const auto plane_log = control_plane->standard_error();
-    CHECK(count_occurrences(plane_log, "event=cml_worker.license.registration.requested.v1") == worker_count);
-    CHECK(count_occurrences(plane_log, "event=cml_worker.license.deregistration.completed.v1") ==
-          deregistrations.size());
-    CHECK(count_occurrences(plane_log, "event=cml_worker.license.registration.failed.v1") ==
+    CHECK(count_license_events(plane_log, "registration.requested") == worker_count);
+    CHECK(count_license_events(plane_log, "deregistration.completed") == deregistrations.size());
+    CHECK(count_license_events(plane_log, "registration.failed") ==
           (worker_count + rejected_every - 1) / rejected_every);
 
     auto secrets = all_secrets();
@@ -417,6 +553,139 @@ TEST_CASE("license flow survives controller kill", "[integration][programs]")
     for (const auto* process :
          {fake_cml.get(), control_plane.get(), first_controller.get(), second_controller.get()}) {
         check_output_free_of(*process, secrets);
+    }
+}
+
+TEST_CASE("intents survive control plane kill", "[integration][programs]")
+{
+    program_setup setup;
+    auto fake_cml = setup.start_fake_cml();
+    const auto cml_port = read_port(*fake_cml);
+    // The run's worker-controller keeps running through the restart with a fixed
+    // --control-plane URL, as it would in a deployment, so the control plane must come back on
+    // the same port. That port lies outside the ephemeral range, so none of the connections
+    // made while the control plane is down can take it as their local port.
+    unsigned short plane_port = 0;
+    auto first_plane = start_control_plane_on_fixed_port(setup, plane_port);
+    const auto plane_listen = "127.0.0.1:" + std::to_string(plane_port);
+    // This worker-controller registers the licenses that the run deregisters, and stops
+    // before the run.
+    auto setup_controller = setup.start_worker_controller(plane_port);
+    read_port(*setup_controller);
+    std::unique_ptr<child_process> controller;
+    unsigned short metrics_port = 0;
+    std::unique_ptr<child_process> second_plane;
+
+    asio::io_context context;
+    // Operation ids of the 202 responses, by worker id.
+    std::map<std::string, std::uint64_t> registrations;
+    std::map<std::string, std::uint64_t> run_registrations;
+    std::map<std::string, std::uint64_t> run_deregistrations;
+    std::map<std::string, std::uint64_t> later_deregistrations;
+    auto flow = [&]() -> asio::awaitable<void> {
+        const auto deadline = std::chrono::steady_clock::now() + flow_timeout - std::chrono::seconds(5);
+        co_await add_workers(plane_port, cml_port);
+        // The first workers get registered before the run, so the run can deregister them.
+        for (std::size_t i = 0; i < registered_before_run; ++i) {
+            const auto operation_id = co_await request_registration(plane_port, i);
+            registrations[worker_id_of(i)] = operation_id;
+        }
+        co_await wait_for_workers(plane_port, all_settled, deadline, "the first registrations finished");
+        stop_cleanly(*setup_controller);
+
+        const std::string faults = R"({"latency_ms": )" + std::to_string(run_cml_latency_ms) + "}";
+        auto slowed = co_await call(cml_port, http::verb::put, "/_fake/faults", credentials::none, faults);
+        REQUIRE(slowed.result() == http::status::no_content);
+
+        // The run: registrations of all other workers, then deregistrations of the first ones.
+        // All of them are accepted before the run's worker-controller starts, so the kill can
+        // land while some of them have not started.
+        for (std::size_t i = registered_before_run; i < worker_count; ++i) {
+            const auto operation_id = co_await request_registration(plane_port, i);
+            registrations[worker_id_of(i)] = operation_id;
+            run_registrations[worker_id_of(i)] = operation_id;
+        }
+        for (std::size_t i = 0; i < registered_before_run; ++i) {
+            if (is_rejected(i)) {
+                continue;
+            }
+            const auto id = worker_id_of(i);
+            const auto operation_id = co_await request_deregistration(plane_port, id);
+            run_deregistrations[id] = operation_id;
+        }
+        auto run_operations = run_registrations;
+        run_operations.insert(run_deregistrations.begin(), run_deregistrations.end());
+        controller = setup.start_worker_controller(plane_port);
+        metrics_port = read_port(*controller);
+
+        // Kill the control plane once enough operations of the run started, some of them are
+        // still running and others have not started yet.
+        auto kill_point = [&run_operations](const worker_map& workers) {
+            std::size_t in_progress = 0;
+            const auto started = count_started(workers, run_operations, in_progress);
+            return started >= run_started_before_kill && in_progress > 0 && started < run_operations.size();
+        };
+        const auto before_kill =
+            co_await wait_for_workers(plane_port, kill_point, deadline, "enough operations started");
+        kill_program(*first_plane);
+
+        // The control plane stays down until the worker-controller gave up a change-feed read
+        // after all its attempts, so its reconciles also fail against the missing control plane.
+        if (!controller->wait_for_standard_error(change_feed_failed, outage_timeout)) {
+            FAIL("the worker-controller logged no failed change-feed read; stderr: " << controller->standard_error());
+        }
+        second_plane = setup.start_control_plane(plane_listen);
+        REQUIRE(read_port(*second_plane) == plane_port);
+
+        // Every intent accepted before the kill is still there, and so is every step that the
+        // control plane showed before it.
+        const auto restarted = co_await read_workers(plane_port);
+        CHECK(restarted.size() == worker_count);
+        check_intents_kept(restarted, run_registrations, "register");
+        check_intents_kept(restarted, run_deregistrations, "deregister");
+        check_no_step_lost(before_kill, restarted);
+
+        // The worker-controller that ran through the restart finishes every operation.
+        auto settled =
+            co_await wait_for_workers(plane_port, all_settled, deadline, "every operation of the run finished");
+        for (std::size_t i = 0; i < worker_count; ++i) {
+            const auto id = worker_id_of(i);
+            if (!run_deregistrations.contains(id)) {
+                check_registration_outcome(settled, i, registrations.at(id));
+            }
+        }
+        check_deregistrations_completed(settled, run_deregistrations);
+
+        // Intents accepted after the restart reach the worker-controller only through its
+        // change feed, because its next resync is 600 s away.
+        later_deregistrations = co_await request_deregistrations_from(plane_port, registered_before_run + 1);
+        settled = co_await wait_for_workers(plane_port, all_settled, deadline, "every later deregistration finished");
+        check_deregistrations_completed(settled, later_deregistrations);
+
+        auto health = co_await call(metrics_port, http::verb::get, "/health", credentials::none);
+        CHECK(health.result() == http::status::ok);
+
+        // CML accepted exactly one registration POST per operation, despite the restart.
+        auto deregistrations = run_deregistrations;
+        deregistrations.insert(later_deregistrations.begin(), later_deregistrations.end());
+        co_await check_one_registration_post_each(cml_port, deregistrations);
+    };
+    testing::run_with_timeout(context, flow(), flow_timeout);
+
+    REQUIRE(controller);
+    REQUIRE(second_plane);
+    for (auto* program : {controller.get(), second_plane.get(), fake_cml.get()}) {
+        stop_cleanly(*program);
+    }
+
+    // The killed control plane logged every accepted request before it sent the response.
+    const auto first_log = first_plane->standard_error();
+    CHECK(count_license_events(first_log, "registration.requested") == worker_count);
+    CHECK(count_license_events(first_log, "deregistration.requested") == run_deregistrations.size());
+
+    for (const auto* process :
+         {fake_cml.get(), first_plane.get(), second_plane.get(), setup_controller.get(), controller.get()}) {
+        check_output_free_of(*process, all_secrets());
     }
 }
 
