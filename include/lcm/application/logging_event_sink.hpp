@@ -119,6 +119,12 @@ private:
         write(event, log_field{"error_code", event.error.code}, log_field{"error_message", event.error.message});
     }
 
+    void log_event(const domain::license_operation_claimed& event) const
+    {
+        write(event, log_field{"holder", event.holder}, log_field{"fence", std::to_string(event.fence)},
+              log_field{"expires_at", format_timestamp(event.expires_at)});
+    }
+
     logger log_;
     std::shared_ptr<metrics::registry> registry_;
 };
