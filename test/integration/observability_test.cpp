@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,15 +80,17 @@ TEST_CASE("logging event sink logs events", "[integration]")
 
     domain::license_registration_failed failed{header_of_worker("w1", 3),
                                                {"registration_failed", "CML reported the registration as FAILED"}};
+    domain::license_operation_claimed claimed{header_of_worker("w1", 3), "controller-a", 5,
+                                              header_of_worker("w1", 3).occurred_at + std::chrono::seconds(30)};
     std::vector<domain::domain_event> events{domain::license_registration_requested{header_of_worker("w1", 3), true},
                                              domain::license_registration_started{header_of_worker("w1", 3), 2},
-                                             failed};
+                                             failed, claimed};
     asio::io_context context;
     auto body = [&]() -> asio::awaitable<void> { co_await sink.publish(std::move(events)); };
     testing::run_with_timeout(context, body());
 
     const auto lines = logs.lines();
-    REQUIRE(lines.size() == 3);
+    REQUIRE(lines.size() == 4);
     CHECK(lines[0] == "level=info msg=\"domain event\" event=cml_worker.license.registration.requested.v1 "
                       "worker_id=w1 operation_id=3 initiated_by=api occurred_at=2026-03-01T10:00:00.000000Z "
                       "reregister=true");
@@ -95,6 +98,7 @@ TEST_CASE("logging event sink logs events", "[integration]")
     CHECK(lines[1].ends_with(" attempt=2"));
     CHECK(lines[2].find("error_code=registration_failed "
                         "error_message=\"CML reported the registration as FAILED\"") != std::string::npos);
+    CHECK(lines[3].ends_with(" holder=controller-a fence=5 expires_at=2026-03-01T10:00:30.000000Z"));
 
     const auto text = registry->text();
     INFO(text);
