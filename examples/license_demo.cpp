@@ -135,6 +135,16 @@ int main(int argc, char** argv)
         std::cout << description;
         return EXIT_SUCCESS;
     }
+    if (arguments["registration-delay-ms"].as<int>() < 0) {
+        std::cerr << "lcm-demo: invalid --registration-delay-ms " << arguments["registration-delay-ms"].as<int>()
+                  << ": expected 0 or more\n";
+        return 2;
+    }
+    if (arguments["poll-interval-ms"].as<int>() <= 0) {
+        std::cerr << "lcm-demo: invalid --poll-interval-ms " << arguments["poll-interval-ms"].as<int>()
+                  << ": expected 1 or more\n";
+        return 2;
+    }
 
     try {
         const std::vector<demo_worker> workers = {
@@ -173,8 +183,9 @@ int main(int argc, char** argv)
         }
 
         print_timelines(sink, workers);
-        std::cout << "\nCML received " << cml.total_counters().accepted_registrations
-                  << " accepted registration requests for " << workers.size() << " workers.\n";
+        std::cout << "\nCML accepted " << cml.total_counters().accepted_registrations << " registration requests for "
+                  << workers.size() << " workers. It accepts a request before it checks the token, so a\n"
+                  << "rejected token counts too; the timelines above show how each registration ended.\n";
         return EXIT_SUCCESS;
     }
     catch (const std::exception& error) {
