@@ -23,7 +23,7 @@ namespace lcm::application {
 /// event's own fields, such as `error_code` and `error_message` of a failure.
 ///
 /// Events carry no token, and failure messages are stored with the token redacted, so the
-/// log holds no secret. With a registry, it also counts `lcm_domain_events_total{type}`.
+/// log contains no secret. With a registry, it also counts `lcm_domain_events_total{type}`.
 /// Thread-safe when the logger's sink is.
 class logging_event_sink {
 public:
