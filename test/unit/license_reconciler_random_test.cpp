@@ -248,7 +248,9 @@ TEST_CASE("controller on four threads", "[license][threads]")
         workers.push_back("worker-" + std::to_string(i));
     }
 
-    auto scenario = run_controller(*controller, [&]() -> awaitable<void> {
+    // The lambda is named because the coroutine reads its captures through it after this
+    // statement, when run_with_timeout runs the scenario.
+    auto body = [&]() -> awaitable<void> {
         for (const auto& worker_id : workers) {
             co_await fixture.add_worker(worker_id);
             const std::string token = "TOKEN-" + worker_id;
@@ -261,7 +263,8 @@ TEST_CASE("controller on four threads", "[license][threads]")
             REQUIRE(accepted);
         }
         co_await advance_until_settled(fixture, 500ms, 5000);
-    }());
+    };
+    auto scenario = run_controller(*controller, body());
     run_with_timeout(fixture.context, std::move(scenario), lcm::testing::default_test_timeout, 4);
 
     for (const auto& worker_id : workers) {
