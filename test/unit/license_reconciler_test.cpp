@@ -538,7 +538,6 @@ TEST_CASE("restarted controller resumes accepted registration", "[license]")
     boost::asio::co_spawn(crashed_context, first->run(), boost::asio::detached);
     crashed_context.run_for(std::chrono::seconds(10));
     REQUIRE(crashed);
-    first.reset();
 
     auto interrupted = run_with_timeout(fixture.context, fixture.worker(worker_1));
     CHECK(interrupted.license().has_pending_operation());
@@ -554,6 +553,13 @@ TEST_CASE("restarted controller resumes accepted registration", "[license]")
     CHECK(stored.license().last_outcome() == operation_outcome::completed);
     CHECK(fixture.instance(worker_1).counters().accepted_registrations == 1);
     CHECK(received(fixture, worker_1, cml_call::register_license) == 1);
+
+    // After the checks, the crashed controller stops, so that its suspended coroutines end
+    // and free what they hold instead of leaking it.
+    first->request_stop();
+    crashed_context.restart();
+    crashed_context.run_for(std::chrono::seconds(10));
+    CHECK(crashed_context.stopped());
 }
 
 TEST_CASE("lost POST response is not repeated", "[license]")
