@@ -42,7 +42,7 @@ constexpr std::size_t registered_before_run = 10;
 constexpr std::size_t run_started_before_kill = 8;
 /// The delay of each fake CML response during the run, in ms. A reconcile that starts a
 /// registration occupies one of four slots for three CML calls, so the delay bounds the start
-/// rate to about 50 per second, and the test sees the run before every operation started.
+/// rate to about 50 per second, and the test observes the run before every operation started.
 constexpr int run_cml_latency_ms = 25;
 /// Times the control-plane restart test tries another port when its first start fails.
 constexpr int max_port_attempts = 20;

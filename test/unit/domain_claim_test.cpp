@@ -76,7 +76,7 @@ TEST_CASE("claim renewal keeps fence", "[domain][claim]")
         CHECK(worker.events().empty());
     }
 
-    SECTION("an expired claim nobody took is renewed with its fence")
+    SECTION("an expired claim not taken over is renewed with its fence")
     {
         const auto fence = worker.claim_license_operation("controller-a", lease, at(90));
 
@@ -168,7 +168,7 @@ TEST_CASE("fence check of start and reports", "[domain][claim]")
     SECTION("the current fence is accepted, also after the claim expired")
     {
         REQUIRE(worker.start_license_operation({1, 1}, at(21)));
-        // The claim expired at at(50), but nobody took it over, so its fence is still current.
+        // The claim expired at at(50), but no controller took it over, so its fence is still current.
         REQUIRE(worker.complete_license_registration({1, 1}, sample_details(), at(90)));
         CHECK(worker.license().status() == license_status::registered);
         CHECK(worker.license().claim_holder().empty());

@@ -11,6 +11,7 @@
 #include <boost/asio/awaitable.hpp>
 
 #include <memory>
+#include <cstddef>
 #include <string>
 #include <utility>
 #include <variant>
@@ -28,8 +29,11 @@ namespace lcm::application {
 class logging_event_sink {
 public:
     explicit logging_event_sink(logger log, std::shared_ptr<metrics::registry> registry = {})
-        : log_(std::move(log)), registry_(std::move(registry))
+        : log_(std::move(log))
     {
+        if (registry) {
+            register_counters(*registry, std::make_index_sequence<std::variant_size_v<domain::domain_event>>());
+        }
     }
 
     boost::asio::awaitable<void> publish(std::vector<domain::domain_event> events)
@@ -41,13 +45,20 @@ public:
     }
 
 private:
+    // Looks up one counter per event type once, so that publishing does no registry lookup.
+    template <std::size_t... Index>
+    void register_counters(metrics::registry& registry, std::index_sequence<Index...>)
+    {
+        (counters_.push_back(registry.get_counter(
+             "lcm_domain_events_total", "Total number of domain events published, by type",
+             {{"type", std::string(std::variant_alternative_t<Index, domain::domain_event>::type)}})),
+         ...);
+    }
+
     void record(const domain::domain_event& event) const
     {
-        if (registry_) {
-            registry_
-                ->get_counter("lcm_domain_events_total", "Total number of domain events published, by type",
-                              {{"type", std::string(domain::event_type(event))}})
-                ->increment();
+        if (!counters_.empty()) {
+            counters_[event.index()]->increment();
         }
         if (log_.enabled(log_level::info)) {
             std::visit([this](const auto& alternative) { log_event(alternative); }, event);
@@ -126,7 +137,8 @@ private:
     }
 
     logger log_;
-    std::shared_ptr<metrics::registry> registry_;
+    // Indexed by the alternative of `domain::domain_event`; empty without a registry.
+    std::vector<std::shared_ptr<metrics::counter>> counters_;
 };
 
 static_assert(event_sink<logging_event_sink>);

@@ -6,6 +6,7 @@
 #include <lcm/domain/secret.hpp>
 #include <lcm/domain/time.hpp>
 #include <lcm/error.hpp>
+#include <lcm/log.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/json/conversion.hpp>
@@ -286,11 +287,16 @@ inline result<cml_success> map_cml_status(cml_call call, int status) noexcept
     return make_error_code(errc::protocol_error);
 }
 
-/// Converts the success of a deregistration call into its outcome.
-inline cml_deregistration_outcome deregistration_outcome_of(cml_success success) noexcept
+/// Converts the success of a deregistration call into its outcome, and logs a warning when
+/// the host could not reach the Cisco licensing service.
+inline cml_deregistration_outcome deregistration_outcome_of(cml_success success, const cml_endpoint& endpoint,
+                                                            const logger& log)
 {
     switch (success) {
-    case cml_success::deregistered_locally: return cml_deregistration_outcome::deregistered_locally;
+    case cml_success::deregistered_locally:
+        log.warning("CML deregistered locally but could not reach the Cisco licensing service",
+                    {{"endpoint", endpoint.base_url}});
+        return cml_deregistration_outcome::deregistered_locally;
     case cml_success::already_deregistered: return cml_deregistration_outcome::already_deregistered;
     default: return cml_deregistration_outcome::deregistered;
     }

@@ -151,7 +151,7 @@ struct registration_details {
     boost::json::value cml_info;
 };
 
-/// The fence of a report made without a claim. It is accepted only while nobody has claimed
+/// The fence of a report made without a claim. It is accepted only while no controller has claimed
 /// the operation, so a single controller that never claims keeps working.
 inline constexpr std::uint64_t no_fence = 0;
 

@@ -470,7 +470,7 @@ private:
     /// Checks that a report under `key.fence` comes from the current claim. The fence must be
     /// the fence of the last claim, even when that claim expired, as long as no other controller
     /// took the operation over: classic fencing, which only a newer claim invalidates.
-    /// `no_fence` is accepted only while nobody has claimed the operation. After the operation
+    /// `no_fence` is accepted only while no controller has claimed the operation. After the operation
     /// finished, the claim is gone and the last fence (or `no_fence`) still names it, so a
     /// repeated report is accepted.
     result<void> check_claim(operation_key key) const

@@ -193,9 +193,9 @@ private:
         // Guarded by the core's mutex: the suspended worker's continuation while it is idle. It is
         // emplaced and reset, never assigned, because any_completion_handler's move assignment
         // recurses without end in Boost 1.81.
-        // NOTE: the continuation's coroutine frame holds the core, so when the io_context stops for
-        // good while the reconciler runs, nothing breaks that cycle and the core leaks. Stop the
-        // reconciler before abandoning its io_context.
+        // NOTE: the continuation's coroutine frame owns a reference to the core. When the
+        // io_context stops for good while the reconciler runs, nothing breaks that cycle and the
+        // core leaks, so stop the reconciler before abandoning its io_context.
         std::optional<wake_handler> wake;
         // The members below are touched only on `strand`.
         bool busy = false;

@@ -280,7 +280,7 @@ private:
         time_point first_failure{};
         // Breaks ties between equal due times in request order, which keeps promotion fair.
         std::uint64_t sequence = 0;
-        // A pool handle is 32 bits wide, so the heap never holds more entries than this counts.
+        // A pool handle is 32 bits wide, so the heap never contains more entries than this counts.
         std::uint32_t heap_index = 0;
         std::uint32_t failures = 0;
         // `hash_key(key)` and the entry's own pool handle: together its slot in the index.

@@ -749,12 +749,7 @@ public:
         if (!mapped) {
             co_return mapped.error();
         }
-        const auto outcome = deregistration_outcome_of(mapped.value());
-        if (outcome == cml_deregistration_outcome::deregistered_locally) {
-            log_.warning("CML deregistered locally but could not reach the Cisco licensing service",
-                         {{"endpoint", endpoint.base_url}});
-        }
-        co_return outcome;
+        co_return deregistration_outcome_of(mapped.value(), endpoint, log_);
     }
 
 private:

@@ -600,9 +600,9 @@ private:
     /// passes `after` or `timeout_ms` elapses, and returns `after` itself on timeout.
     /// An `after` beyond the current sequence, as after a restart of an in-memory store, is
     /// answered at once with the current sequence, so the controller resynchronizes.
-    /// NOTE: every process counts from 0, so a restarted control plane that has reached
-    /// exactly the `after` of a waiting controller makes it wait for the next change, and
-    /// intents written in between wait for that change or the next resync.
+    /// NOTE: every process counts from 0. A restarted control plane that has reached exactly
+    /// the `after` of a waiting controller makes it wait, so intents written in between wait
+    /// for the next change or the next resync.
     boost::asio::awaitable<http_response> changes(request_context& context)
     {
         auto& repository = plane_.repository();
