@@ -58,6 +58,10 @@ po::options_description make_flags()
          "created when missing; PATH is relative to the working directory) or 'postgres:CONNINFO' (a libpq "
          "URL or key=value string, for several replicas; empty to use libpq's PG* variables). A password "
          "in CONNINFO is never logged, but prefer PGPASSFILE or this flag's variable to the command line")
+        ("db-schema", po::value<std::string>()->default_value(""),
+         "with --db postgres:...: the PostgreSQL schema of lcm's tables, created when missing (at most 59 "
+         "bytes); empty for the first schema of the server's search_path. Every replica of one control plane "
+         "uses the same schema, and separate schemas keep control planes apart in one database")
         ("log-level", po::value<std::string>()->default_value("info"),
          "trace, debug, info, warning, error or off; logs go to stderr");
     // clang-format on
@@ -108,7 +112,8 @@ int run(int argc, char** argv)
     api_options.on_request = transport::make_request_metrics_observer(registry);
     api_options.metrics_text = [registry] { return registry->text(); };
 
-    const auto database = parse_database_flag(values["db"].as<std::string>());
+    auto database = parse_database_flag(values["db"].as<std::string>());
+    set_database_schema(database, values["db-schema"].as<std::string>());
     auto repository = open_database(database, log);
     // Every domain event becomes one log line, which gives operators each worker's timeline.
     application::logging_event_sink sink(log, registry);
@@ -118,8 +123,9 @@ int run(int argc, char** argv)
     transport::http_server server(context.get_executor(), server_options, api.handler(), log);
     listen_or_throw(server, values["listen"].as<std::string>());
 
-    log.info("control plane starting",
-             {{"listen", values["listen"].as<std::string>()}, {"storage", database.describe()}});
+    log.info("control plane starting", {{"listen", values["listen"].as<std::string>()},
+                                        {"storage", database.describe()},
+                                        {"schema", database.schema}});
     serve_until_signal(context, server, "http", log);
     log.info("control plane stopped", {{"storage", database.describe()}});
     return 0;

@@ -48,8 +48,11 @@ struct database_choice {
     /// The SQLite file, or the libpq connection string. A connection string may contain a
     /// password, so it is never printed; `describe` leaves it out.
     std::string location;
+    /// The PostgreSQL schema of lcm's tables; empty for the server's search_path.
+    std::string schema;
 
-    /// Returns the value for logs: `memory`, `sqlite:PATH` or `postgres`.
+    /// Returns the value for logs: `memory`, `sqlite:PATH` or `postgres`. The schema is logged
+    /// on its own.
     std::string describe() const
     {
         switch (kind) {
@@ -100,6 +103,26 @@ inline database_choice parse_database_flag(const std::string& text)
     throw usage_error("invalid --db value" + (plain_word ? " of kind '" + kind + "'" : std::string()) +
                       "; expected memory, sqlite:PATH or postgres:CONNINFO (the value is not shown because it may "
                       "contain a password)");
+}
+
+/// Sets the PostgreSQL schema from `--db-schema`. Throws `usage_error` for a schema with
+/// another store, or one longer than PostgreSQL's channel name allows.
+inline void set_database_schema(database_choice& choice, const std::string& schema)
+{
+    if (schema.empty()) {
+        return;
+    }
+    if (choice.kind != database_choice::kind_type::postgres) {
+        throw usage_error("--db-schema applies to --db postgres:CONNINFO only, but --db is " + choice.describe());
+    }
+    // The notification channel is `lcm_` followed by the schema, and PostgreSQL cuts
+    // identifiers at 63 bytes.
+    constexpr std::size_t max_schema_length = 59;
+    if (schema.size() > max_schema_length) {
+        throw usage_error("--db-schema is " + std::to_string(schema.size()) + " bytes long; the maximum is " +
+                          std::to_string(max_schema_length));
+    }
+    choice.schema = schema;
 }
 
 /// A worker repository chosen at run time: forwards every call to the memory, SQLite or
@@ -250,6 +273,7 @@ inline any_worker_repository open_database(const database_choice& choice, const 
 #ifdef LCM_EXAMPLES_WITH_POSTGRES
         storage::postgres_options options;
         options.url = choice.location;
+        options.schema = choice.schema;
         options.application_name = "lcm-control-plane";
         return any_worker_repository(wait_for_open(storage::postgres_repository::open(std::move(options), log),
                                                    "opening the PostgreSQL database"));

@@ -263,22 +263,6 @@ http::status get_worker(unsigned short port, const std::string& id)
     return response.result();
 }
 
-/// Returns the PostgreSQL server that scripts/test started, or an empty string.
-std::string postgres_test_url()
-{
-    const char* url = std::getenv("LCM_TEST_POSTGRES_URL");
-    return url ? url : "";
-}
-
-/// Returns whether a run must include the PostgreSQL tests: `LCM_TEST_REQUIRE_POSTGRES=1`,
-/// which scripts/test sets, or `CI=true`, as in the unit tests.
-bool postgres_tests_required()
-{
-    const char* required = std::getenv("LCM_TEST_REQUIRE_POSTGRES");
-    const char* ci = std::getenv("CI");
-    return (required && std::string_view(required) == "1") || (ci && std::string_view(ci) == "true");
-}
-
 } // namespace
 
 TEST_CASE("control plane keeps workers in sqlite", "[integration]")
@@ -325,19 +309,24 @@ TEST_CASE("control plane rejects bad db values", "[integration]")
     control_plane_files setup;
     const std::string password = "db-Passw0rd-77c1";
     struct bad_value {
-        std::string value;
+        std::vector<std::string> flags;
         std::string message;
     };
     const std::vector<bad_value> cases = {
-        {"sqlite:", "the file path is missing"},
-        {"mysql://lcm:" + password + "@127.0.0.1/lcm", "invalid --db value of kind 'mysql'"},
-        {"host=127.0.0.1 password=" + password, "invalid --db value;"},
-        {"", "invalid --db value;"},
+        {{"--db", "sqlite:"}, "the file path is missing"},
+        {{"--db", "mysql://lcm:" + password + "@127.0.0.1/lcm"}, "invalid --db value of kind 'mysql'"},
+        {{"--db", "host=127.0.0.1 password=" + password}, "invalid --db value;"},
+        {{"--db", ""}, "invalid --db value;"},
+        {{"--db", "memory", "--db-schema", "lcm"}, "--db-schema applies to --db postgres:CONNINFO only"},
+        {{"--db", "sqlite:" + setup.files.path("x.db"), "--db-schema", "lcm"}, "but --db is sqlite:"},
+        // The length is checked before any connection, so no server is needed.
+        {{"--db", "postgres:host=127.0.0.1 port=1", "--db-schema", std::string(60, 's')},
+         "--db-schema is 60 bytes long; the maximum is 59"},
     };
-    for (const auto& [value, message] : cases) {
-        INFO("--db " << value);
+    for (const auto& [more_flags, message] : cases) {
         auto flags = setup.flags();
-        flags.insert(flags.end(), {"--db", value});
+        flags.insert(flags.end(), more_flags.begin(), more_flags.end());
+        INFO("flags: " << more_flags[1] << (more_flags.size() > 2 ? " " + more_flags.back() : std::string()));
         child_process child(LCM_CONTROL_PLANE_PROGRAM, flags);
         const auto status = child.wait_for_exit(exit_timeout);
         REQUIRE(status);
@@ -375,20 +364,11 @@ TEST_CASE("control plane hides the db password", "[integration]")
 
 TEST_CASE("control plane serves api on postgres", "[integration][postgres]")
 {
-    const auto url = postgres_test_url();
-    if (url.empty()) {
-        if (postgres_tests_required()) {
-            FAIL("LCM_TEST_POSTGRES_URL is not set although PostgreSQL tests are required "
-                 "(LCM_TEST_REQUIRE_POSTGRES=1 or CI=true); run the tests through scripts/test, which starts "
-                 "PostgreSQL");
-        }
-        WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
+    if (!postgres_available()) {
         return;
     }
-    const auto parsed = boost::urls::parse_uri(url);
-    REQUIRE(parsed);
-    const auto password = parsed->password();
-    REQUIRE(password.size() >= 8);
+    const auto url = postgres_test_url();
+    const auto password = postgres_test_password();
     control_plane_files setup;
     // Tables go to the test database's default schema, which other runs may share, so the
     // worker id is new for every run.

@@ -121,6 +121,49 @@ inline void kill_program(child_process& child)
     CHECK(*status == 128 + SIGKILL);
 }
 
+/// Returns the PostgreSQL server that scripts/test started, or an empty string.
+inline std::string postgres_test_url()
+{
+    const char* url = std::getenv("LCM_TEST_POSTGRES_URL");
+    return url ? url : "";
+}
+
+/// Returns whether a run must include the PostgreSQL tests: `LCM_TEST_REQUIRE_POSTGRES=1`,
+/// which scripts/test sets, or `CI=true`, as in the unit tests.
+inline bool postgres_tests_required()
+{
+    const char* required = std::getenv("LCM_TEST_REQUIRE_POSTGRES");
+    const char* ci = std::getenv("CI");
+    return (required && std::string_view(required) == "1") || (ci && std::string_view(ci) == "true");
+}
+
+/// Returns the password in the test server's URL, which no program output may contain.
+inline std::string postgres_test_password()
+{
+    const auto parsed = boost::urls::parse_uri(postgres_test_url());
+    REQUIRE(parsed);
+    std::string password = parsed->password();
+    REQUIRE(password.size() >= 8);
+    return password;
+}
+
+/// Returns whether the PostgreSQL tests can run. A missing server fails the test when the
+/// tests are required, because a green run must include them. Otherwise the test passes
+/// with a warning, so that a developer can run the integration tests without a server.
+inline bool postgres_available()
+{
+    if (!postgres_test_url().empty()) {
+        return true;
+    }
+    if (postgres_tests_required()) {
+        FAIL("LCM_TEST_POSTGRES_URL is not set although PostgreSQL tests are required "
+             "(LCM_TEST_REQUIRE_POSTGRES=1 or CI=true); run the tests through scripts/test, which starts "
+             "PostgreSQL");
+    }
+    WARN("LCM_TEST_POSTGRES_URL is not set, so this PostgreSQL test did not run");
+    return false;
+}
+
 /// Checks that no value of `secrets` appears in the child's stdout or stderr.
 inline void check_output_free_of(const child_process& child, const std::vector<std::string>& secrets)
 {

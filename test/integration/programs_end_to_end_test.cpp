@@ -12,14 +12,19 @@
 #include <boost/json/array.hpp>
 #include <boost/json/object.hpp>
 
+#include <lcm/domain/time.hpp>
+
 #include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace lcm;
 using namespace lcm::test;
@@ -52,6 +57,25 @@ constexpr std::string_view change_feed_failed = "reading the control plane's cha
 /// after four attempts and about 350 ms of backoff.
 constexpr auto outage_timeout = std::chrono::seconds(10);
 
+/// Workers of the scale-out test, whose operations three worker-controllers share.
+constexpr std::size_t scale_out_worker_count = 90;
+/// The claim lease of the scale-out test's worker-controllers, in ms. It is short so that
+/// the takeover after the kill fits in the test's time, and more than twice the poll
+/// interval of 50 ms, as the worker-controller requires.
+constexpr int scale_out_lease_ms = 3000;
+/// The worker-controller's wait after another controller's claim expired before it takes
+/// the claim over (`license_reconciler_options::takeover_margin`).
+constexpr auto takeover_margin = std::chrono::milliseconds(500);
+/// The allowance for scheduling and for the test's own reads on top of the lease and the
+/// margin: a loaded 2-core machine runs five processes, a PostgreSQL server and the test.
+constexpr auto takeover_allowance = std::chrono::milliseconds(2500);
+/// Claims that the controller to be killed must hold on started operations before the kill.
+/// Up to `--concurrency` (4) of them may still end through reports that were in flight at
+/// the kill, so at least two are left for the other controllers to take over.
+constexpr std::size_t claims_before_kill = 6;
+/// Claims of the killed controller that the others must at least take over.
+constexpr std::size_t min_takeovers = 2;
+
 /// A token in CML's format, different for each worker so the output check finds any of them.
 std::string token_of(std::size_t index)
 {
@@ -69,6 +93,8 @@ struct program_setup {
     std::string password_file = files.write("cml-password", cml_password + "\n");
     std::string api_key_file = files.write("api-key", api_key + "\n");
     std::string admin_token_file = files.write("admin-token", admin_token + "\n");
+    /// The control plane's store: an SQLite file unless a test sets another.
+    std::vector<std::string> database_flags{"--db", "sqlite:" + files.path("control-plane.db")};
 
     std::unique_ptr<child_process> start_fake_cml() const
     {
@@ -81,18 +107,20 @@ struct program_setup {
 
     std::unique_ptr<child_process> start_control_plane(const std::string& listen = "127.0.0.1:0") const
     {
-        const std::vector<std::string> arguments{"--listen",         listen,           "--api-key-file",
-                                                 api_key_file,       "--admin-token-file", admin_token_file,
-                                                 "--db",             "sqlite:" + files.path("control-plane.db")};
+        std::vector<std::string> arguments{"--listen",         listen, "--api-key-file", api_key_file,
+                                           "--admin-token-file", admin_token_file};
+        arguments.insert(arguments.end(), database_flags.begin(), database_flags.end());
         return std::make_unique<child_process>(LCM_CONTROL_PLANE_PROGRAM, arguments);
     }
 
-    std::unique_ptr<child_process> start_worker_controller(unsigned short control_plane_port) const
+    std::unique_ptr<child_process> start_worker_controller(unsigned short control_plane_port,
+                                                           const std::vector<std::string>& more_flags = {}) const
     {
-        const std::vector<std::string> arguments{
+        std::vector<std::string> arguments{
             "--control-plane", "http://127.0.0.1:" + std::to_string(control_plane_port),
             "--api-key-file", api_key_file, "--cml-password-file", password_file, "--concurrency", "4",
             "--poll-interval", "50", "--metrics-listen", "127.0.0.1:0"};
+        arguments.insert(arguments.end(), more_flags.begin(), more_flags.end());
         return std::make_unique<child_process>(LCM_WORKER_CONTROLLER_PROGRAM, arguments);
     }
 };
@@ -285,6 +313,84 @@ void check_no_step_lost(const worker_map& before, const worker_map& after)
     }
 }
 
+/// Returns the claim holder that the worker's license names; empty while unclaimed.
+std::string_view claim_holder_of(const boost::json::object& worker)
+{
+    return field(license_of(worker), "claim_holder");
+}
+
+/// Counts the workers with a pending operation that `holder` has claimed and started.
+std::size_t count_started_claims(const worker_map& workers, std::string_view holder)
+{
+    std::size_t count = 0;
+    for (const auto& [id, worker] : workers) {
+        const auto& license = license_of(worker);
+        if (has_pending_operation(worker) && claim_holder_of(worker) == holder &&
+            license.at("operation_in_progress").as_bool()) {
+            ++count;
+        }
+    }
+    return count;
+}
+
+/// A claim that a killed worker-controller left behind, and what became of it.
+struct orphaned_claim {
+    std::uint64_t operation_id = 0;
+    std::uint64_t fence = 0;
+    timestamp expires_at;
+    /// When the test first saw another controller's claim on the operation, on the system
+    /// clock.
+    std::optional<timestamp> taken_over_at;
+    /// Set when the operation ended under this claim, through a report that the killed
+    /// controller sent before it died and the control plane received after.
+    bool ended_by_holder = false;
+};
+
+/// Returns the claims that `holder` holds on pending operations, by worker id.
+std::map<std::string, orphaned_claim> claims_of(const worker_map& workers, std::string_view holder)
+{
+    std::map<std::string, orphaned_claim> claims;
+    for (const auto& [id, worker] : workers) {
+        if (!has_pending_operation(worker) || claim_holder_of(worker) != holder) {
+            continue;
+        }
+        const auto& license = license_of(worker);
+        orphaned_claim claim;
+        claim.operation_id = license.at("operation_id").to_number<std::uint64_t>();
+        claim.fence = license.at("fence").to_number<std::uint64_t>();
+        const auto expires_at = parse_timestamp(field(license, "claim_expires_at"));
+        REQUIRE(expires_at);
+        claim.expires_at = *expires_at;
+        claims.emplace(id, claim);
+    }
+    return claims;
+}
+
+/// Records in `claims` the time at which `workers` first shows each claim taken over, with a
+/// newer fence, or that its operation ended under the old fence. Returns true once every
+/// claim was taken over or ended.
+bool record_takeovers(std::map<std::string, orphaned_claim>& claims, const worker_map& workers, timestamp seen_at)
+{
+    bool all_resolved = true;
+    for (auto& [id, claim] : claims) {
+        if (claim.taken_over_at || claim.ended_by_holder) {
+            continue;
+        }
+        const auto& worker = workers.at(id);
+        const auto fence = license_of(worker).at("fence").to_number<std::uint64_t>();
+        if (fence > claim.fence) {
+            claim.taken_over_at = seen_at;
+        }
+        else if (!has_pending_operation(worker)) {
+            claim.ended_by_holder = true;
+        }
+        else {
+            all_resolved = false;
+        }
+    }
+    return all_resolved;
+}
+
 /// Returns the counters of one fake CML instance.
 asio::awaitable<boost::json::object> read_instance_counters(unsigned short port, const std::string& instance)
 {
@@ -294,11 +400,11 @@ asio::awaitable<boost::json::object> read_instance_counters(unsigned short port,
     co_return json_of(response);
 }
 
-/// Adds the `worker_count` workers, each pointing at its own instance of the fake CML on
-/// `cml_port`.
-asio::awaitable<void> add_workers(unsigned short plane_port, unsigned short cml_port)
+/// Adds `count` workers, each pointing at its own instance of the fake CML on `cml_port`.
+asio::awaitable<void> add_workers(unsigned short plane_port, unsigned short cml_port,
+                                  std::size_t count = worker_count)
 {
-    for (std::size_t i = 0; i < worker_count; ++i) {
+    for (std::size_t i = 0; i < count; ++i) {
         const auto id = worker_id_of(i);
         const auto cml_url = "http://127.0.0.1:" + std::to_string(cml_port) + "/instances/" + id;
         boost::json::object worker{
@@ -344,13 +450,14 @@ asio::awaitable<std::map<std::string, std::uint64_t>> request_deregistrations_fr
     co_return accepted;
 }
 
-/// Checks that the fake CML instance of each of the `worker_count` workers received and
+/// Checks that the fake CML instance of each of the first `count` workers received and
 /// accepted exactly one registration POST, and one deregistration for each worker in
 /// `deregistrations`.
 asio::awaitable<void> check_one_registration_post_each(unsigned short cml_port,
-                                                       const std::map<std::string, std::uint64_t>& deregistrations)
+                                                       const std::map<std::string, std::uint64_t>& deregistrations,
+                                                       std::size_t count = worker_count)
 {
-    for (std::size_t i = 0; i < worker_count; ++i) {
+    for (std::size_t i = 0; i < count; ++i) {
         const auto id = worker_id_of(i);
         INFO("instance " << id);
         auto counters = co_await read_instance_counters(cml_port, id);
@@ -361,8 +468,8 @@ asio::awaitable<void> check_one_registration_post_each(unsigned short cml_port,
     }
     auto totals = co_await call(cml_port, http::verb::get, "/_fake/counters", credentials::none);
     REQUIRE(totals.result() == http::status::ok);
-    CHECK(json_of(totals).at("accepted_registrations").to_number<std::uint64_t>() == worker_count);
-    CHECK(json_of(totals).at("instances").to_number<std::uint64_t>() == worker_count);
+    CHECK(json_of(totals).at("accepted_registrations").to_number<std::uint64_t>() == count);
+    CHECK(json_of(totals).at("instances").to_number<std::uint64_t>() == count);
 }
 
 asio::awaitable<std::string> read_metrics(unsigned short port)
@@ -386,10 +493,10 @@ void check_has_line(const std::string& exposition, const std::string& line)
     check_has_sample(exposition, line + "\n");
 }
 
-std::vector<std::string> all_secrets()
+std::vector<std::string> all_secrets(std::size_t count = worker_count)
 {
     std::vector<std::string> secrets{cml_password, api_key, admin_token, std::string(bearer_prefix)};
-    for (std::size_t i = 0; i < worker_count; ++i) {
+    for (std::size_t i = 0; i < count; ++i) {
         secrets.push_back(token_of(i));
     }
     return secrets;
@@ -686,6 +793,137 @@ TEST_CASE("intents survive control plane kill", "[integration][programs]")
     for (const auto* process :
          {fake_cml.get(), first_plane.get(), second_plane.get(), setup_controller.get(), controller.get()}) {
         check_output_free_of(*process, all_secrets());
+    }
+}
+
+TEST_CASE("license flow scales out on postgres", "[integration][programs][postgres]")
+{
+    if (!postgres_available()) {
+        return;
+    }
+    const auto url = postgres_test_url();
+    const auto database_password = postgres_test_password();
+
+    // The test database is shared with other tests and runs, so this run's tables live in a
+    // schema of their own. The schema is left on the throwaway test server afterwards.
+    const auto schema = "lcm_scale_" + std::to_string(::getpid()) + "_" +
+                        std::to_string(std::chrono::system_clock::now().time_since_epoch().count());
+    program_setup setup;
+    setup.database_flags = {"--db", "postgres:" + url, "--db-schema", schema};
+    auto fake_cml = setup.start_fake_cml();
+    const auto cml_port = read_port(*fake_cml);
+    auto first_plane = setup.start_control_plane();
+    const auto first_plane_port = read_port(*first_plane);
+    auto second_plane = setup.start_control_plane();
+    const auto second_plane_port = read_port(*second_plane);
+
+    std::unique_ptr<child_process> killed_controller;
+    std::unique_ptr<child_process> second_controller;
+    std::unique_ptr<child_process> third_controller;
+
+    std::map<std::string, std::uint64_t> registrations;
+    std::map<std::string, orphaned_claim> orphans;
+    timestamp killed_at;
+
+    asio::io_context context;
+    auto flow = [&]() -> asio::awaitable<void> {
+        const auto deadline = std::chrono::steady_clock::now() + flow_timeout - std::chrono::seconds(5);
+        co_await add_workers(first_plane_port, cml_port, scale_out_worker_count);
+
+        // Both replicas accept intents; the controllers of either replica see all of them,
+        // because every replica's change feed listens to PostgreSQL's notifications.
+        for (std::size_t i = 0; i < scale_out_worker_count; ++i) {
+            const auto port = i % 2 == 0 ? first_plane_port : second_plane_port;
+            const auto operation_id = co_await request_registration(port, i);
+            registrations[worker_id_of(i)] = operation_id;
+        }
+
+        // Three worker-controllers, two on the first replica and one on the second, all with a
+        // short lease. They start once every intent is accepted, so the kill can land before
+        // all operations started.
+        const auto lease_flags = [](std::string id) {
+            return std::vector<std::string>{"--controller-id", std::move(id), "--lease",
+                                            std::to_string(scale_out_lease_ms)};
+        };
+        killed_controller = setup.start_worker_controller(first_plane_port, lease_flags("controller-a"));
+        read_port(*killed_controller);
+        second_controller = setup.start_worker_controller(second_plane_port, lease_flags("controller-b"));
+        read_port(*second_controller);
+        third_controller = setup.start_worker_controller(first_plane_port, lease_flags("controller-c"));
+        read_port(*third_controller);
+
+        // Kill the first controller while it holds claims on started operations and other
+        // operations have not started yet.
+        auto kill_point = [&registrations](const worker_map& workers) {
+            std::size_t in_progress = 0;
+            const auto started = count_started(workers, registrations, in_progress);
+            return count_started_claims(workers, "controller-a") >= claims_before_kill &&
+                   started < scale_out_worker_count;
+        };
+        co_await wait_for_workers(second_plane_port, kill_point, deadline, "controller-a started operations");
+        kill_program(*killed_controller);
+        killed_at = now_utc();
+
+        // Its claims stay until they expire, then the other controllers take them over.
+        auto interrupted = co_await read_workers(second_plane_port);
+        orphans = claims_of(interrupted, "controller-a");
+        REQUIRE(orphans.size() >= claims_before_kill);
+        for (const auto& [id, claim] : orphans) {
+            INFO("worker " << id);
+            CHECK(claim.expires_at <= killed_at + std::chrono::milliseconds(scale_out_lease_ms));
+        }
+        auto taken_over = [&orphans](const worker_map& workers) {
+            return record_takeovers(orphans, workers, now_utc());
+        };
+        co_await wait_for_workers(first_plane_port, taken_over, deadline, "the killed controller's claims were taken");
+
+        auto settled = co_await wait_for_workers(first_plane_port, all_settled, deadline, "every registration ended");
+        for (std::size_t i = 0; i < scale_out_worker_count; ++i) {
+            check_registration_outcome(settled, i, registrations.at(worker_id_of(i)));
+        }
+
+        // Both replicas read the same state.
+        const auto seen_by_second = co_await read_workers(second_plane_port);
+        CHECK(seen_by_second == settled);
+
+        // CML accepted exactly one registration POST per operation, despite the kill.
+        co_await check_one_registration_post_each(cml_port, {}, scale_out_worker_count);
+    };
+    testing::run_with_timeout(context, flow(), flow_timeout);
+    REQUIRE(third_controller);
+
+    // Each claim was taken over after it expired, and within the lease of the kill plus the
+    // takeover margin: the killed controller had renewed each claim before it died.
+    const auto takeover_limit = std::chrono::milliseconds(scale_out_lease_ms) + takeover_margin + takeover_allowance;
+    std::size_t takeovers = 0;
+    for (const auto& [id, claim] : orphans) {
+        if (claim.ended_by_holder) {
+            continue;
+        }
+        ++takeovers;
+        INFO("worker " << id << ": claim expired at " << format_timestamp(claim.expires_at) << ", controller killed at "
+                       << format_timestamp(killed_at));
+        REQUIRE(claim.taken_over_at);
+        INFO("taken over at " << format_timestamp(*claim.taken_over_at));
+        CHECK(*claim.taken_over_at >= claim.expires_at);
+        CHECK(*claim.taken_over_at - killed_at <= takeover_limit);
+    }
+    CHECK(takeovers >= min_takeovers);
+
+    for (auto* program : {second_controller.get(), third_controller.get(), first_plane.get(), second_plane.get(),
+                          fake_cml.get()}) {
+        stop_cleanly(*program);
+    }
+    // The controllers that lived on both claimed operations, so the work was shared.
+    for (const auto* controller : {second_controller.get(), third_controller.get()}) {
+        CHECK(controller->standard_error().find("license registration completed") != std::string::npos);
+    }
+
+    auto secrets = all_secrets(scale_out_worker_count);
+    secrets.push_back(database_password);
+    for (const auto* process : {fake_cml.get(), first_plane.get(), second_plane.get(), killed_controller.get(),
+                                second_controller.get(), third_controller.get()}) {
+        check_output_free_of(*process, secrets);
     }
 }
 
