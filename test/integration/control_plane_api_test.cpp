@@ -503,7 +503,9 @@ TEST_CASE("api change feed returns sequence", "[integration]")
     run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
         const auto port = f.server.port();
         co_await f.add_worker("w1");
-        const auto current = f.repository.change_sequence();
+        const auto base = f.api.change_sequence_base();
+        CHECK(base >= std::uint64_t{1} << 32);
+        const auto current = base + f.repository.change_sequence();
 
         auto now_request = make_request(verb::get, "/api/internal/changes", credentials::internal);
         auto now = co_await send(port, std::move(now_request));
@@ -524,6 +526,14 @@ TEST_CASE("api change feed returns sequence", "[integration]")
         auto ahead = co_await send(port, std::move(ahead_request));
         CHECK(json_of(ahead).at("sequence") == current);
 
+        // The repository's own sequence, as an earlier process without a base would have
+        // returned it, is answered at once.
+        const auto raw_target =
+            "/api/internal/changes?after=" + std::to_string(f.repository.change_sequence()) + "&timeout_ms=10000";
+        auto raw_request = make_request(verb::get, raw_target, credentials::internal);
+        auto raw = co_await send(port, std::move(raw_request));
+        CHECK(json_of(raw).at("sequence") == current);
+
         for (auto bad : {"/api/internal/changes?after=x", "/api/internal/changes?after=1&timeout_ms=-1",
                          "/api/internal/changes?after=1&timeout_ms=600000"}) {
             INFO(bad);
@@ -533,6 +543,23 @@ TEST_CASE("api change feed returns sequence", "[integration]")
         }
         co_await f.server.stop();
     }());
+}
+
+TEST_CASE("api change sequence differs per process", "[integration]")
+{
+    // A restarted control plane is a new api object on the same store. Its feed must not
+    // return the sequence that a controller still holds from the earlier process.
+    storage::memory_repository repository;
+    sink_type sink;
+    application::control_plane<storage::memory_repository, sink_type> plane(repository, sink);
+    transport::control_plane_api<storage::memory_repository, sink_type> first(plane, test_api_options());
+    transport::control_plane_api<storage::memory_repository, sink_type> second(plane, test_api_options());
+    CHECK(first.change_sequence_base() != second.change_sequence_base());
+
+    auto fixed_options = test_api_options();
+    fixed_options.change_sequence_base = 7;
+    transport::control_plane_api<storage::memory_repository, sink_type> fixed(plane, fixed_options);
+    CHECK(fixed.change_sequence_base() == 7);
 }
 
 namespace {
@@ -572,7 +599,7 @@ TEST_CASE("api change feed wakes on request", "[integration]")
                                                     domain::worker_status::running, "test"};
             auto added = co_await plane.add_worker(std::move(request));
             REQUIRE(added);
-            const auto before = repository.change_sequence();
+            const auto before = api.change_sequence_base() + repository.change_sequence();
 
             // The long-poll may wait 20 s, beyond the test's 10 s limit, unless the
             // registration below wakes it.

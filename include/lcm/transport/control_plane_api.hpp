@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -49,6 +50,12 @@ struct control_plane_api_options {
     std::chrono::milliseconds default_change_wait{25'000};
     /// Maximum accepted `timeout_ms` of the change feed; keep it below the clients' request timeout.
     std::chrono::milliseconds max_change_wait{60'000};
+    /// Added to the repository's change sequence in the change feed. Empty: a random value
+    /// from 2^32 to 2^52 per `control_plane_api` object. A restarted control plane then
+    /// answers with sequences that differ from those a waiting controller holds, although
+    /// its repository counts from 0 again, so that controller does not wait for a change
+    /// that has already happened.
+    std::optional<std::uint64_t> change_sequence_base;
     /// Returns the Prometheus text exposition that `GET /metrics` serves. Without it the route
     /// returns an empty exposition.
     std::function<std::string()> metrics_text;
@@ -72,7 +79,8 @@ class control_plane_api {
 public:
     control_plane_api(application::control_plane<Repository, Sink>& plane, control_plane_api_options options,
                       logger log = {})
-        : plane_(plane), options_(std::move(options)), log_(std::move(log))
+        : plane_(plane), options_(std::move(options)), log_(std::move(log)),
+          sequence_base_(options_.change_sequence_base ? *options_.change_sequence_base : random_sequence_base())
     {
         add_routes();
         router_.set_observer(options_.on_request);
@@ -86,6 +94,9 @@ public:
     {
         return [this](http_request request) { return router_.dispatch(std::move(request)); };
     }
+
+    /// Returns the value that the change feed adds to the repository's change sequence.
+    std::uint64_t change_sequence_base() const noexcept { return sequence_base_; }
 
     /// Returns every registered route, for documentation checks.
     std::vector<route_info> routes() const { return router_.routes(); }
@@ -598,15 +609,13 @@ private:
 
     /// Returns the current change sequence. With `after`, it first waits until the sequence
     /// passes `after` or `timeout_ms` elapses, and returns `after` itself on timeout.
-    /// An `after` beyond the current sequence, as after a restart of an in-memory store, is
-    /// answered at once with the current sequence, so the controller resynchronizes.
-    /// NOTE: every process counts from 0. A restarted control plane that has reached exactly
-    /// the `after` of a waiting controller makes it wait, so intents written in between wait
-    /// for the next change or the next resync.
+    /// Any other `after`, such as one that an earlier process of the control plane returned,
+    /// is answered at once with the current sequence, so the controller resynchronizes.
+    /// Sequences in the feed are the repository's plus `sequence_base_`.
     boost::asio::awaitable<http_response> changes(request_context& context)
     {
         auto& repository = plane_.repository();
-        const auto current = repository.change_sequence();
+        const auto current = sequence_base_ + repository.change_sequence();
         auto after_text = context.query_parameter("after");
         if (!after_text) {
             co_return sequence_response(current);
@@ -635,7 +644,8 @@ private:
         // http_server::run() until its shutdown_timeout, after which the connection is closed.
         // The first to finish cancels the other. The race is a named local because g++ 12
         // mishandles temporaries with destructors inside a co_await expression.
-        auto race = repository.wait_for_change(after.value()) || timer.async_wait(boost::asio::use_awaitable);
+        auto race = repository.wait_for_change(after.value() - sequence_base_) ||
+                    timer.async_wait(boost::asio::use_awaitable);
         auto outcome = co_await std::move(race);
         if (outcome.index() == 1) {
             co_return sequence_response(after.value());
@@ -644,7 +654,16 @@ private:
         if (!changed) {
             co_return command_error(context, changed.error());
         }
-        co_return sequence_response(changed.value());
+        co_return sequence_response(sequence_base_ + changed.value());
+    }
+
+    static std::uint64_t random_sequence_base()
+    {
+        std::random_device random;
+        const std::uint64_t bits = (std::uint64_t{random()} << 32) | random();
+        constexpr std::uint64_t lowest = std::uint64_t{1} << 32;
+        constexpr std::uint64_t highest = std::uint64_t{1} << 52;
+        return lowest + bits % (highest - lowest);
     }
 
     static http_response sequence_response(std::uint64_t sequence)
@@ -656,6 +675,7 @@ private:
     application::control_plane<Repository, Sink>& plane_;
     control_plane_api_options options_;
     logger log_;
+    std::uint64_t sequence_base_;
     router router_;
 };
 
