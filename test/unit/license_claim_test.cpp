@@ -189,6 +189,55 @@ TEST_CASE("controllers share claims and take over", "[license][claim]")
     CHECK(fixture.log.count("license operation claimed by another controller") > 0);
 }
 
+TEST_CASE("registration post ends within claim", "[license][claim]")
+{
+    license_fixture fixture;
+    auto options = fixture.controller_options(1);
+    options.license.poll_interval = 100ms;
+    options.license.lease = 1s;
+    int registrations = 0;
+    fixture.scripted.hang_registration = [&registrations](const lcm::cml_endpoint&) {
+        return registrations++ == 0;
+    };
+    std::optional<lcm::timestamp> cancelled_at;
+    fixture.scripted.on_hang_cancelled = [&] { cancelled_at = fixture.cml_clock.now(); };
+    const auto worker_id = worker_id_of(0);
+    std::optional<lcm::timestamp> claim_expiry;
+    auto controller = fixture.make_controller(options);
+
+    auto body = [&]() -> awaitable<void> {
+        co_await fixture.add_worker(worker_id);
+        auto accepted = co_await fixture.request_registration(worker_id, token_of(0));
+        if (!accepted) {
+            throw std::runtime_error("registration request rejected: " + accepted.error().message());
+        }
+
+        co_await advance_until(
+            fixture, [&] { return registrations == 1; }, "the registration POST started", 50ms, 100);
+        const auto posting = co_await fixture.worker(worker_id);
+        claim_expiry = posting.license().claim_expires_at();
+
+        // The first POST hangs until the reconcile timeout, half of the lease, cancels it.
+        co_await advance_until(
+            fixture, [&] { return cancelled_at.has_value(); }, "the hung registration was cancelled", 50ms, 100);
+        co_await advance_until_settled(fixture, 100ms);
+    };
+    run_with_timeout(fixture.context, run_controller(*controller, body()));
+
+    // The cancellation came before the claim expired, so no other controller could have
+    // taken the operation over and posted too.
+    REQUIRE(claim_expiry);
+    REQUIRE(cancelled_at);
+    CHECK(*cancelled_at < *claim_expiry);
+    CHECK(registrations == 2);
+    CHECK(fixture.instance(worker_id).counters().accepted_registrations == 1);
+    auto stored = run_with_timeout(fixture.context, fixture.worker(worker_id));
+    CHECK(stored.license().status() == license_status::registered);
+    const auto retry = fixture.log.find("reconcile failed; retrying");
+    REQUIRE(retry);
+    CHECK(retry->find("error=\"timed out\"") != std::string::npos);
+}
+
 TEST_CASE("controller rejects short lease", "[license][claim]")
 {
     license_fixture fixture;

@@ -10,9 +10,11 @@
 #include <lcm/storage/memory_repository.hpp>
 #include <lcm/testing/fake_cml.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -104,6 +106,11 @@ public:
     before_call before;
     override_result replace;
     after_registration after_register;
+    /// Returns true for a registration that hangs, as a POST to an unresponsive CML host
+    /// does: it waits until cancelled and never reaches the fake.
+    std::function<bool(const lcm::cml_endpoint& endpoint)> hang_registration;
+    /// Called when a hung registration was cancelled.
+    std::function<void()> on_hang_cancelled;
 
     awaitable<lcm::result<void>> authenticate(const lcm::cml_endpoint& endpoint)
     {
@@ -127,6 +134,9 @@ public:
         if (before) {
             before(lcm::cml_call::register_license, endpoint);
         }
+        if (hang_registration && hang_registration(endpoint)) {
+            co_return co_await hang();
+        }
         auto posted = co_await inner_.register_license(endpoint, token, reregister);
         if (after_register) {
             after_register(endpoint, token, posted);
@@ -146,6 +156,19 @@ public:
     }
 
 private:
+    awaitable<lcm::result<void>> hang()
+    {
+        boost::asio::steady_timer forever(co_await boost::asio::this_coro::executor, std::chrono::hours(24));
+        auto [error] = co_await forever.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+        if (error != boost::asio::error::operation_aborted) {
+            throw std::logic_error("a hung registration ended without cancellation");
+        }
+        if (on_hang_cancelled) {
+            on_hang_cancelled();
+        }
+        co_return lcm::make_error_code(lcm::errc::cancelled);
+    }
+
     std::optional<boost::system::error_code> replaced(lcm::cml_call call, const lcm::cml_endpoint& endpoint) const
     {
         if (!replace) {

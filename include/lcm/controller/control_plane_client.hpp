@@ -47,6 +47,10 @@ struct license_task {
     /// Time left on the claim when the control plane granted it; zero in tasks read otherwise.
     /// A controller adds it to its own clock, so clocks that disagree do not skew the wait.
     std::chrono::milliseconds claim_remaining{0};
+    /// When this controller's claim expires at the earliest, on its own steady clock: the
+    /// time just before it sent the claim request plus `claim_remaining`. Set by the license
+    /// handler on the claims it holds; empty in tasks read otherwise.
+    std::optional<std::chrono::steady_clock::time_point> claim_deadline{};
 
     /// Returns the key that reports on this task name: its operation and its claim's fence.
     domain::operation_key key() const noexcept { return {operation_id, fence}; }

@@ -57,10 +57,11 @@ struct license_reconciler_options {
     /// long before another controller takes them over. Each reconcile renews the claim once
     /// less than half of it remains, so it must be more than twice `poll_interval`. Otherwise
     /// a registration that CML is still working on would lose its claim between polls.
-    /// NOTE: a registration POST starts with as little as half the lease left, and the fence
-    /// guards the control plane, not CML. A POST that outlives the claim can therefore meet a
-    /// second POST from the controller that took over. Keep half the lease above the CML
-    /// client's total timeout where that matters; the defaults (30 s, 60 s) do not.
+    /// The fence guards the control plane, not CML, so every call to CML must end while the
+    /// claim lasts. A reconcile starts with at least half of the lease left on its claim, and
+    /// `license_controller` limits the reconcile timeout to half of the lease. A mutating call
+    /// starts only with at least a quarter of the lease left; otherwise the worker is requeued
+    /// and the claim renewed first.
     std::chrono::milliseconds lease{30000};
     /// How long after another controller's claim expires this controller tries to take it over,
     /// so that the holder's last renewal wins a close race.
@@ -181,6 +182,9 @@ public:
     /// the task. When another controller holds the claim, the task names only that claim.
     boost::asio::awaitable<result<std::optional<license_task>>> read_spec(const std::string& worker_id)
     {
+        // The control plane granted the claim after this instant, so the claim lasts at least
+        // until this instant plus the remaining time it reports.
+        const auto requested_at = std::chrono::steady_clock::now();
         auto claim = co_await control_plane_->claim(worker_id, options_.controller_id, options_.lease);
         if (!claim && claim.error() == errc::not_found) {
             co_return std::optional<license_task>();
@@ -189,6 +193,8 @@ public:
             co_return claim.error();
         }
         if (claim.value().task) {
+            auto& task = *claim.value().task;
+            task.claim_deadline = requested_at + task.claim_remaining;
             co_return std::move(claim.value().task);
         }
         license_task held;
@@ -253,6 +259,9 @@ public:
                 if (auto stop = co_await ensure_started(current)) {
                     co_return *stop;
                 }
+                if (!enough_claim_left(current)) {
+                    co_return renew_claim_first(current);
+                }
                 const cml_endpoint endpoint{current.cml_url};
                 auto posted = co_await cml_->register_license(endpoint, *current.token, current.reregister);
                 if (!posted) {
@@ -272,6 +281,9 @@ public:
             case license_action::send_deregistration: {
                 if (auto stop = co_await ensure_started(current)) {
                     co_return *stop;
+                }
+                if (!enough_claim_left(current)) {
+                    co_return renew_claim_first(current);
                 }
                 const cml_endpoint endpoint{current.cml_url};
                 auto outcome = co_await cml_->deregister_license(endpoint);
@@ -389,6 +401,25 @@ private:
         co_return co_await report(task, fail_for_cml_error(error, call), nullptr);
     }
 
+    /// Returns whether at least a quarter of the lease is left on this controller's claim on
+    /// `task`, enough to start a mutating CML call. A call started later would more likely be
+    /// cut off by the reconcile timeout after CML received it, which leaves its outcome
+    /// unknown until the next status read. A task without a claim deadline was not claimed
+    /// through `read_spec`, and nothing limits it.
+    bool enough_claim_left(const license_task& task) const
+    {
+        return !task.claim_deadline || *task.claim_deadline - std::chrono::steady_clock::now() >= options_.lease / 4;
+    }
+
+    /// Requeues the worker at once. Its next reconcile renews the claim, because less than
+    /// half of the lease is left, and then makes the mutating call.
+    reconcile::action renew_claim_first(const license_task& task) const
+    {
+        options_.log.info("license claim too short for a CML call; renewing it first",
+                          {{"worker_id", task.worker_id}, {"operation_id", std::to_string(task.operation_id)}});
+        return reconcile::action::requeue_after(std::chrono::milliseconds(0));
+    }
+
     void log_cml_error(const license_task& task, cml_call call, const boost::system::error_code& error) const
     {
         options_.log.warning("CML call failed", {{"worker_id", task.worker_id},
@@ -413,6 +444,8 @@ private:
 
 struct license_controller_options {
     license_reconciler_options license;
+    /// The reconcile loop's options. Its `reconcile_timeout` is at most half of
+    /// `license.lease`: a longer value, or none, is replaced by that half.
     reconcile::reconciler_options reconciler;
     /// Whether to wait on the control plane's change feed and enqueue new intents at once.
     /// Without it, new intents are found by the periodic resync only.
@@ -436,7 +469,7 @@ public:
                        license_controller_options options, Clock clock = {})
         : control_plane_(control_plane),
           options_(options),
-          reconciler_(executor, handler_type(cml, control_plane, options.license), configure(options.reconciler),
+          reconciler_(executor, handler_type(cml, control_plane, options.license), configure(options),
                       std::move(clock))
     {
     }
@@ -459,10 +492,19 @@ public:
     reconciler_type& reconciler() noexcept { return reconciler_; }
 
 private:
-    static reconcile::reconciler_options configure(reconcile::reconciler_options options)
+    static reconcile::reconciler_options configure(const license_controller_options& license_options)
     {
+        auto options = license_options.reconciler;
         if (options.name == reconcile::reconciler_options{}.name) {
             options.name = "license";
+        }
+        // A reconcile starts with at least half of the lease left on its claim, because the
+        // claim is renewed when less is left. Ending every reconcile within half of the lease
+        // therefore ends each CML call while the claim lasts, before another controller can
+        // take the operation over and call CML for it too.
+        const auto half_lease = std::chrono::duration_cast<reconcile::duration>(license_options.license.lease / 2);
+        if (!options.reconcile_timeout || *options.reconcile_timeout > half_lease) {
+            options.reconcile_timeout = half_lease;
         }
         return options;
     }

@@ -51,10 +51,10 @@ struct control_plane_api_options {
     /// Maximum accepted `timeout_ms` of the change feed; keep it below the clients' request timeout.
     std::chrono::milliseconds max_change_wait{60'000};
     /// Added to the repository's change sequence in the change feed. Empty: a random value
-    /// from 2^32 to 2^52 per `control_plane_api` object. A restarted control plane then
-    /// answers with sequences that differ from those a waiting controller holds, although
-    /// its repository counts from 0 again, so that controller does not wait for a change
-    /// that has already happened.
+    /// from 2^32 to 2^52 per `control_plane_api` object. Its repository counts from 0 again
+    /// after a restart, but the sequences the feed returns then differ from the one that a
+    /// waiting controller kept, so that controller does not wait for a change that has
+    /// already happened.
     std::optional<std::uint64_t> change_sequence_base;
     /// Returns the Prometheus text exposition that `GET /metrics` serves. Without it the route
     /// returns an empty exposition.
@@ -609,8 +609,8 @@ private:
 
     /// Returns the current change sequence. With `after`, it first waits until the sequence
     /// passes `after` or `timeout_ms` elapses, and returns `after` itself on timeout.
-    /// Any other `after`, such as one that an earlier process of the control plane returned,
-    /// is answered at once with the current sequence, so the controller resynchronizes.
+    /// For any other `after`, such as one that an earlier process of the control plane
+    /// returned, it returns the current sequence at once, so the controller resynchronizes.
     /// Sequences in the feed are the repository's plus `sequence_base_`.
     boost::asio::awaitable<http_response> changes(request_context& context)
     {
