@@ -867,7 +867,8 @@ TEST_CASE("license flow scales out on postgres", "[integration][programs][postgr
         // Its claims stay until they expire, then the other controllers take them over.
         auto interrupted = co_await read_workers(second_plane_port);
         orphans = claims_of(interrupted, "controller-a");
-        REQUIRE(orphans.size() >= claims_before_kill);
+        // Reports that were in flight at the kill may have ended some of its claims already.
+        REQUIRE(orphans.size() >= min_takeovers);
         for (const auto& [id, claim] : orphans) {
             INFO("worker " << id);
             CHECK(claim.expires_at <= killed_at + std::chrono::milliseconds(scale_out_lease_ms));
