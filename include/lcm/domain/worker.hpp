@@ -94,6 +94,17 @@ public:
         friend bool operator==(const fields&, const fields&) = default;
     };
 
+    /// The fields that the aggregate's methods change. The id, name, URL and creation time
+    /// are set only by `create` and `restore`, and the version only by `set_version`.
+    struct changeable_state {
+        worker_status status = worker_status::pending;
+        worker_status desired_status = worker_status::running;
+        cml_license license;
+        timestamp updated_at{};
+
+        friend bool operator==(const changeable_state&, const changeable_state&) = default;
+    };
+
     /// Creates a new, unsaved worker and records `worker_created`.
     /// Fails with `errc::invalid_argument` on a malformed id, name or URL.
     static result<cml_worker> create(std::string id, std::string name, std::string cml_url, worker_status status,
@@ -140,6 +151,10 @@ public:
     std::uint64_t version() const noexcept { return state_.version; }
     timestamp created_at() const noexcept { return state_.created_at; }
     timestamp updated_at() const noexcept { return state_.updated_at; }
+
+    /// Returns the fields that methods other than `set_version` can change. Comparing two
+    /// of them tells whether a method changed the worker, without copying its strings.
+    changeable_state changeable() const { return {state_.status, state_.desired_status, state_.license, state_.updated_at}; }
 
     /// Returns the events recorded since the worker was created or restored.
     const std::vector<domain_event>& events() const noexcept { return events_; }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -33,7 +34,7 @@ public:
         if (it == workers_.end()) {
             co_return errc::not_found;
         }
-        co_return it->second;
+        co_return domain::cml_worker::restore(it->second);
     }
 
     boost::asio::awaitable<result<std::uint64_t>> add(const domain::cml_worker& worker)
@@ -43,9 +44,8 @@ public:
             if (workers_.contains(worker.id())) {
                 co_return errc::already_exists;
             }
-            auto stored = worker;
-            stored.take_events();
-            stored.set_version(1);
+            auto stored = worker.state();
+            stored.version = 1;
             index_pending(stored);
             ordered_ids_.insert(worker.id());
             workers_.emplace(worker.id(), std::move(stored));
@@ -63,15 +63,23 @@ public:
             if (it == workers_.end()) {
                 co_return errc::not_found;
             }
-            if (it->second.version() != worker.version()) {
+            auto& stored = it->second;
+            if (stored.version != worker.version()) {
                 co_return errc::version_conflict;
             }
-            unindex_pending(it->second);
-            it->second = worker;
-            it->second.take_events();
+            // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
+            // an allocation and two tree searches.
+            const bool reindex = pending_key_of(stored) != pending_key_of(worker.state());
+            if (reindex) {
+                unindex_pending(stored);
+            }
+            // Assigning the fields reuses the stored strings' buffers and leaves the events behind.
+            stored = worker.state();
             version = worker.version() + 1;
-            it->second.set_version(version);
-            index_pending(it->second);
+            stored.version = version;
+            if (reindex) {
+                index_pending(stored);
+            }
         }
         notifier_.notify();
         co_return version;
@@ -82,7 +90,7 @@ public:
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
         for (auto it = ordered_ids_.upper_bound(after_id); it != ordered_ids_.end() && page.size() < limit; ++it) {
-            page.push_back(workers_.find(*it)->second);
+            page.push_back(restore(workers_.find(*it)->second));
         }
         co_return page;
     }
@@ -92,7 +100,7 @@ public:
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
         for (auto it = pending_.begin(); it != pending_.end() && page.size() < limit; ++it) {
-            page.push_back(workers_.find(std::get<1>(*it))->second);
+            page.push_back(restore(workers_.find(std::get<1>(*it))->second));
         }
         co_return page;
     }
@@ -122,23 +130,37 @@ private:
     // Pending operations ordered by request time, then id, so the oldest request comes first.
     using pending_key = std::tuple<timestamp, std::string>;
 
-    static pending_key pending_key_of(const domain::cml_worker& worker)
+    // The key of a worker in `pending_`, or nothing without a pending operation. It refers to
+    // the worker's id, so that comparing keys copies no string.
+    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_worker::fields& worker)
     {
-        return {worker.license().requested_at().value_or(timestamp{}), worker.id()};
+        const auto& license = worker.license;
+        if (!license.has_pending_operation()) {
+            return std::nullopt;
+        }
+        return std::tuple<timestamp, std::string_view>{license.requested_at().value_or(timestamp{}), worker.id};
     }
 
-    void index_pending(const domain::cml_worker& worker)
+    void index_pending(const domain::cml_worker::fields& worker)
     {
-        if (worker.license().has_pending_operation()) {
-            pending_.insert(pending_key_of(worker));
+        if (const auto key = pending_key_of(worker)) {
+            pending_.emplace(std::get<0>(*key), std::string(std::get<1>(*key)));
         }
     }
 
-    void unindex_pending(const domain::cml_worker& worker)
+    void unindex_pending(const domain::cml_worker::fields& worker)
     {
-        if (worker.license().has_pending_operation()) {
-            pending_.erase(pending_key_of(worker));
+        if (const auto key = pending_key_of(worker)) {
+            if (const auto found = pending_.find(*key); found != pending_.end()) {
+                pending_.erase(found);
+            }
         }
+    }
+
+    // Stored fields satisfy the aggregate's invariants, because they were saved from a worker.
+    static domain::cml_worker restore(const domain::cml_worker::fields& stored)
+    {
+        return domain::cml_worker::restore(stored).value();
     }
 
     struct string_hash {
@@ -148,9 +170,9 @@ private:
 
     mutable std::mutex mutex_;
     // Lookups by id go through the hash map; listing in id order goes through the ordered set.
-    std::unordered_map<std::string, domain::cml_worker, string_hash, std::equal_to<>> workers_;
+    std::unordered_map<std::string, domain::cml_worker::fields, string_hash, std::equal_to<>> workers_;
     std::set<std::string, std::less<>> ordered_ids_;
-    std::set<pending_key> pending_;
+    std::set<pending_key, std::less<>> pending_;
     change_notifier notifier_;
 };
 

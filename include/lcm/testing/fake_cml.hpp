@@ -16,9 +16,11 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/unordered/unordered_flat_map.hpp>
 
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -28,7 +30,6 @@
 #include <shared_mutex>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -405,8 +406,13 @@ private:
     // instance; the last part is random so that tokens cannot be guessed from their order.
     secret issue_token(const fake_cml_user& user)
     {
-        std::string payload = R"({"sub":")" + user.username + R"(","iss":")" + name_ + R"(","jti":)" +
-                              std::to_string(++token_serial_) + "}";
+        std::array<char, 20> serial{};
+        const auto serial_end = std::to_chars(serial.data(), serial.data() + serial.size(), ++token_serial_).ptr;
+        std::string payload;
+        payload.reserve(40 + user.username.size() + name_.size());
+        payload.append(R"({"sub":")").append(user.username).append(R"(","iss":")").append(name_).append(R"(","jti":)");
+        payload.append(serial.data(), serial_end).push_back('}');
+
         std::array<char, 24> signature{};
         for (std::size_t i = 0; i < signature.size(); i += 8) {
             const auto bits = token_random_.next();
@@ -415,8 +421,11 @@ private:
             }
         }
 
-        std::string token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
-        token.reserve(token.size() + (payload.size() + signature.size()) * 4 / 3 + 4);
+        static constexpr std::string_view header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
+        std::string token;
+        token.reserve(header.size() + detail::base64url_length(payload.size()) + 1 +
+                      detail::base64url_length(signature.size()));
+        token.append(header);
         detail::append_base64url(token, payload);
         token.push_back('.');
         detail::append_base64url(token, std::string_view(signature.data(), signature.size()));
@@ -558,7 +567,7 @@ private:
     std::string failure_;
     bool licensing_service_reachable_ = true;
 
-    std::unordered_map<std::string, issued_token, detail::string_hash, std::equal_to<>> tokens_;
+    boost::unordered_flat_map<std::string, issued_token, detail::token_hash, std::equal_to<>> tokens_;
     std::uint64_t token_serial_ = 0;
     detail::random_generator token_random_;
 
@@ -654,7 +663,7 @@ private:
     const fake_cml_options options_;
     mutable std::shared_mutex mutex_;
     fake_cml_faults faults_;
-    std::unordered_map<std::string, std::unique_ptr<fake_cml_instance>, detail::string_hash, std::equal_to<>>
+    boost::unordered_flat_map<std::string, std::unique_ptr<fake_cml_instance>, detail::string_hash, std::equal_to<>>
         instances_;
 };
 
@@ -835,7 +844,7 @@ private:
     const logger log_;
 
     mutable std::shared_mutex sessions_mutex_;
-    std::unordered_map<std::string, std::unique_ptr<session>, detail::string_hash, std::equal_to<>> sessions_;
+    boost::unordered_flat_map<std::string, std::unique_ptr<session>, detail::string_hash, std::equal_to<>> sessions_;
 };
 
 static_assert(cml_client<fake_cml_client>);
