@@ -238,8 +238,11 @@ public:
         }
 
         auto current = task;
-        auto status = *observed.cml;
-        auto decision = decide(current, status);
+        // Points to the observed status until a re-read replaces it, so the first decision
+        // needs no copy of the status.
+        const cml_licensing_status* status = &*observed.cml;
+        std::optional<cml_licensing_status> reread_status;
+        auto decision = decide(current, *status);
         // Two rounds: act, then read the status once more, so that a registration CML
         // finishes at once completes in the same reconcile instead of after a poll interval.
         for (int round = 0; round < 2; ++round) {
@@ -247,7 +250,7 @@ public:
             case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
 
             case license_action::complete_registration:
-            case license_action::fail: co_return co_await report(current, decision, &status);
+            case license_action::fail: co_return co_await report(current, decision, status);
 
             case license_action::post_registration: {
                 if (auto stop = co_await ensure_started(current)) {
@@ -264,8 +267,9 @@ public:
                 if (!reread) {
                     co_return reconcile::action::requeue_after(options_.poll_interval);
                 }
-                status = std::move(reread).value();
-                decision = decide(current, status);
+                reread_status = std::move(reread).value();
+                status = &*reread_status;
+                decision = decide(current, *status);
                 break;
             }
 

@@ -17,20 +17,6 @@ struct string_hash {
     std::size_t operator()(std::string_view text) const noexcept { return std::hash<std::string_view>{}(text); }
 };
 
-/// Hashes a bearer token by its length and its last 16 characters. The fake's tokens end in
-/// 32 random characters, so the tail spreads them as well as the whole token would, and the
-/// fake hashes a token on every call. Other strings hash correctly too, only less evenly.
-struct token_hash {
-    using is_transparent = void;
-
-    std::size_t operator()(std::string_view token) const noexcept
-    {
-        constexpr std::size_t tail = 16;
-        const auto suffix = token.size() > tail ? token.substr(token.size() - tail) : token;
-        return std::hash<std::string_view>{}(suffix) ^ token.size();
-    }
-};
-
 /// FNV-1a: a hash that is the same on every platform, so seeds derived from instance
 /// names give the same fault sequence everywhere.
 inline std::uint64_t stable_hash(std::string_view text) noexcept
