@@ -185,9 +185,10 @@ public:
     /// carries the fence of the controller's claim.
     boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id, domain::operation_key key)
     {
-        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
-            return worker.start_license_operation(key);
-        });
+        // Returns mutate's awaitable without a coroutine frame of its own, so the change stores
+        // the key by value.
+        return mutate(std::move(worker_id),
+                      [key](domain::cml_worker& worker) { return worker.start_license_operation(key); });
     }
 
     boost::asio::awaitable<result<domain::cml_worker>> complete_registration(std::string worker_id,
@@ -244,8 +245,10 @@ private:
     /// `result<T>` and leaves the worker unchanged when it fails. A change that recorded no
     /// event and left the state as it was is not saved. A claim renewal records no event but
     /// moves the expiry, so it is saved.
+    /// Takes the id by value, so that a command may return mutate's awaitable without
+    /// awaiting it in a frame of its own.
     template <class Change>
-    auto mutate(const std::string& worker_id, Change change) -> boost::asio::awaitable<mutate_result<Change>>
+    auto mutate(std::string worker_id, Change change) -> boost::asio::awaitable<mutate_result<Change>>
     {
         constexpr bool returns_worker = std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>;
         for (int attempt = 1;; ++attempt) {

@@ -252,7 +252,15 @@ public:
             switch (decision.action) {
             case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
 
-            case license_action::complete_registration:
+            case license_action::complete_registration: {
+                // The common end of an operation, reported here rather than through report(),
+                // which would cost a coroutine frame per operation.
+                auto details = registration_details_of(*status);
+                const auto key = task.key();
+                auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
+                co_return after_report(task, reported, "license registration completed");
+            }
+
             case license_action::fail: co_return co_await report(task, decision, status);
 
             case license_action::post_registration: {

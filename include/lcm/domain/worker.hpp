@@ -346,6 +346,7 @@ public:
 
         license_registration_completed event{header(now), next.expiry_date, next.smart_account,
                                              next.virtual_account, next.authorization_status, {}};
+        event.features.reserve(next.features.size());
         for (const auto& feature : next.features) {
             event.features.push_back(feature.name);
         }
