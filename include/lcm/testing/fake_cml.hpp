@@ -205,7 +205,7 @@ public:
         }
 
         settle_registration();
-        reply.body = make_status();
+        fill_status(reply.body);
         end_request(reply);
         return reply;
     }
@@ -528,6 +528,14 @@ private:
     cml_licensing_status make_status() const
     {
         cml_licensing_status status;
+        fill_status(status);
+        return status;
+    }
+
+    // Writes the licensing status into a default-constructed `status`, so that a reply's body
+    // is built in place instead of being moved into it.
+    void fill_status(cml_licensing_status& status) const
+    {
         status.registration_status = registration_;
         status.authorization_status = authorization_;
         status.registration_attempted = attempted_at_;
@@ -551,7 +559,6 @@ private:
             status.features.push_back(
                 cml_feature{"CML_NODE_COUNT", "CML Nodes", "", "1.0", "IN_COMPLIANCE", 0, 0, 20, {}, {}});
         }
-        return status;
     }
 
     void call_hook(fake_cml_hook_point point) const
