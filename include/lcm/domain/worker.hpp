@@ -142,6 +142,9 @@ public:
     }
 
     const fields& state() const noexcept { return state_; }
+
+    /// Moves the fields out of a worker that is no longer needed, leaving its strings empty.
+    fields release_state() && noexcept { return std::move(state_); }
     const std::string& id() const noexcept { return state_.id; }
     const std::string& name() const noexcept { return state_.name; }
     const std::string& cml_url() const noexcept { return state_.cml_url; }

@@ -9,6 +9,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/unordered/unordered_flat_map.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -99,6 +100,8 @@ public:
     {
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
+        // Reserved, because growing a page of 100,000 workers would move each of them twice on average.
+        page.reserve(std::min(limit, pending_.size()));
         for (auto it = pending_.begin(); it != pending_.end() && page.size() < limit; ++it) {
             page.push_back(restore(workers_.find(std::get<1>(*it))->second.state));
         }
