@@ -607,9 +607,10 @@ TEST_CASE("stale report is rejected", "[license]")
     handler_type late(fixture.scripted, fixture.plane_client, options);
     handler_type current(fixture.scripted, fixture.plane_client, options);
 
-    // Runs one reconcile of `worker_id` with `handler`, as the reconciler would.
+    // Runs one reconcile of `worker_id` with `handler`, as the reconciler would: on its own copy
+    // of the task, which the reconcile may change.
     auto reconcile_once = [](handler_type& handler, const std::string& worker_id,
-                             const lcm::controller::license_task& task) -> awaitable<lcm::reconcile::action> {
+                             lcm::controller::license_task task) -> awaitable<lcm::reconcile::action> {
         auto status = co_await handler.read_status(worker_id, task);
         if (!status) {
             throw std::runtime_error("reading CML's status failed: " + status.error().message());

@@ -111,9 +111,9 @@ public:
                                                                             domain::worker_status status,
                                                                             std::string initiated_by)
     {
-        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
             worker.change_status(status, initiated_by);
-            return worker;
+            return success();
         });
     }
 
@@ -153,7 +153,7 @@ public:
     {
         std::optional<domain::cml_worker> held_elsewhere;
         timestamp decided_at{};
-        auto claimed = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+        auto claimed = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
             decided_at = options_.clock();
             auto fence = worker.claim_license_operation(holder, lease, decided_at);
             if (!fence) {
@@ -162,7 +162,7 @@ public:
                 }
                 return fence.error();
             }
-            return worker;
+            return success();
         });
         if (!claimed && held_elsewhere) {
             co_return operation_claim{std::move(*held_elsewhere), false, decided_at};
@@ -185,19 +185,18 @@ public:
     /// carries the fence of the controller's claim.
     boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id, domain::operation_key key)
     {
-        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.start_license_operation(key));
-            return worker;
-        });
+        // Returns mutate's awaitable without a coroutine frame of its own, so the change stores
+        // the key by value.
+        return mutate(std::move(worker_id),
+                      [key](domain::cml_worker& worker) { return worker.start_license_operation(key); });
     }
 
     boost::asio::awaitable<result<domain::cml_worker>> complete_registration(std::string worker_id,
                                                                              domain::operation_key key,
                                                                              domain::registration_details details)
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.complete_license_registration(key, details));
-            return worker;
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
+            return worker.complete_license_registration(key, details);
         });
         log_finish("license registration completed", worker_id, key, done);
         co_return done;
@@ -207,9 +206,8 @@ public:
                                                                                domain::operation_key key,
                                                                                std::optional<std::string> warning)
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
-            BOOST_OUTCOME_TRY(worker.complete_license_deregistration(key, warning));
-            return worker;
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
+            return worker.complete_license_deregistration(key, warning);
         });
         log_finish("license deregistration completed", worker_id, key, done);
         co_return done;
@@ -220,7 +218,7 @@ public:
     boost::asio::awaitable<result<domain::cml_worker>> fail_operation(std::string worker_id, domain::operation_key key,
                                                                       std::string error_code, std::string message)
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<domain::cml_worker> {
+        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
             const auto& license = worker.license();
             // A finished operation keeps its kind in last_operation, so a repeated failure
             // still reaches the aggregate, which accepts it idempotently.
@@ -228,42 +226,58 @@ public:
                                   ? license.last_operation()
                                   : license.pending_operation();
             if (kind == domain::license_operation::deregistration) {
-                BOOST_OUTCOME_TRY(worker.fail_license_deregistration(key, error_code, message));
+                return worker.fail_license_deregistration(key, error_code, message);
             }
-            else {
-                BOOST_OUTCOME_TRY(worker.fail_license_registration(key, error_code, message));
-            }
-            return worker;
+            return worker.fail_license_registration(key, error_code, message);
         });
         log_finish("license operation failed", worker_id, key, done);
         co_return done;
     }
 
 private:
+    /// The result of `mutate` with `Change`: the worker as saved (or as loaded, when nothing
+    /// changed) for a change that returns `result<void>`, the change's own result otherwise.
+    template <class Change>
+    using mutate_result = std::conditional_t<std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>,
+                                             result<domain::cml_worker>, std::invoke_result_t<Change&, domain::cml_worker&>>;
+
     /// Loads, applies `change`, saves; retries on version conflicts. `change` returns
     /// `result<T>` and leaves the worker unchanged when it fails. A change that recorded no
     /// event and left the state as it was is not saved. A claim renewal records no event but
     /// moves the expiry, so it is saved.
+    /// Takes the id by value, so that a command may return mutate's awaitable without
+    /// awaiting it in a frame of its own.
     template <class Change>
-    auto mutate(const std::string& worker_id, Change change)
-        -> boost::asio::awaitable<std::invoke_result_t<Change&, domain::cml_worker&>>
+    auto mutate(std::string worker_id, Change change) -> boost::asio::awaitable<mutate_result<Change>>
     {
+        constexpr bool returns_worker = std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>;
         for (int attempt = 1;; ++attempt) {
             BOOST_OUTCOME_CO_TRY(auto worker, co_await repository_.get(worker_id));
-            const auto before = worker.state();
+            const auto before = worker.changeable();
             auto outcome = change(worker);
-            if (!outcome || (worker.events().empty() && worker.state() == before)) {
-                co_return outcome;
+            if (!outcome) {
+                co_return outcome.error();
+            }
+            if (worker.events().empty() && worker.changeable() == before) {
+                if constexpr (returns_worker) {
+                    co_return std::move(worker);
+                }
+                else {
+                    co_return outcome;
+                }
             }
 
             auto saved = co_await repository_.update(worker);
             if (saved) {
                 worker.set_version(saved.value());
-                co_await sink_.publish(worker.take_events());
-                if constexpr (std::is_same_v<std::decay_t<decltype(outcome.value())>, domain::cml_worker>) {
-                    outcome = worker;
+                auto events = worker.take_events();
+                co_await sink_.publish(std::move(events));
+                if constexpr (returns_worker) {
+                    co_return std::move(worker);
                 }
-                co_return outcome;
+                else {
+                    co_return outcome;
+                }
             }
             if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {
                 log_.warning("saving worker failed",

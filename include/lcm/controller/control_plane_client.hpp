@@ -67,16 +67,16 @@ struct license_claim {
     std::chrono::milliseconds remaining{0};
 };
 
-/// Builds the task of a worker's pending operation, or nothing when none is pending.
-inline std::optional<license_task> task_of(const domain::cml_worker& worker)
+namespace detail {
+
+/// Builds the task of a pending operation from the worker's id, URL, status and license. The
+/// strings are forwarded, so that each is copied or moved once, straight into the task.
+template <class Id, class Url>
+license_task make_task(Id&& worker_id, Url&& cml_url, domain::worker_status status, const domain::cml_license& license)
 {
-    const auto& license = worker.license();
-    if (!license.has_pending_operation()) {
-        return std::nullopt;
-    }
-    return license_task{worker.id(),
-                        worker.cml_url(),
-                        worker.status(),
+    return license_task{std::forward<Id>(worker_id),
+                        std::forward<Url>(cml_url),
+                        status,
                         license.pending_operation(),
                         license.operation_id(),
                         license.operation_in_progress(),
@@ -88,6 +88,28 @@ inline std::optional<license_task> task_of(const domain::cml_worker& worker)
                         license.claim_holder(),
                         license.claim_expires_at(),
                         license.fence()};
+}
+
+} // namespace detail
+
+/// Builds the task of a worker's pending operation, or nothing when none is pending.
+inline std::optional<license_task> task_of(const domain::cml_worker& worker)
+{
+    if (!worker.license().has_pending_operation()) {
+        return std::nullopt;
+    }
+    return detail::make_task(worker.id(), worker.cml_url(), worker.status(), worker.license());
+}
+
+/// Builds the task like `task_of(const cml_worker&)`, but moves the worker's id and URL
+/// instead of copying them.
+inline std::optional<license_task> task_of(domain::cml_worker&& worker)
+{
+    if (!worker.license().has_pending_operation()) {
+        return std::nullopt;
+    }
+    auto state = std::move(worker).release_state();
+    return detail::make_task(std::move(state.id), std::move(state.cml_url), state.status, state.license);
 }
 
 /// Builds the result of a claim from the control plane's decision.
@@ -155,8 +177,8 @@ public:
         BOOST_OUTCOME_CO_TRY(auto workers, co_await plane_.repository().list_pending(limit));
         std::vector<license_task> tasks;
         tasks.reserve(workers.size());
-        for (const auto& worker : workers) {
-            if (auto task = task_of(worker)) {
+        for (auto& worker : workers) {
+            if (auto task = task_of(std::move(worker))) {
                 tasks.push_back(std::move(*task));
             }
         }

@@ -226,7 +226,9 @@ public:
                                       std::nullopt};
     }
 
-    boost::asio::awaitable<reconcile::action> reconcile(const std::string&, const license_task& task,
+    /// Records progress (`started`, `started_at`) in `task`, the reconciler's own copy, and
+    /// moves its `cml_url` out.
+    boost::asio::awaitable<reconcile::action> reconcile(const std::string&, license_task& task,
                                                         const license_observation& observed)
     {
         if (observed.claimed_elsewhere_for) {
@@ -243,61 +245,81 @@ public:
             co_return co_await report(task, *observed.verdict, nullptr);
         }
 
-        auto current = task;
-        auto status = *observed.cml;
-        auto decision = decide(current, status);
+        // Built once, because each copy of the URL allocates; `task.cml_url` is empty afterwards.
+        const cml_endpoint endpoint{std::move(task.cml_url)};
+        // Points to the observed status until a re-read replaces it, so the first decision
+        // needs no copy of the status.
+        const cml_licensing_status* status = &*observed.cml;
+        std::optional<cml_licensing_status> reread_status;
+        auto decision = decide(task, *status);
         // Two rounds: act, then read the status once more, so that a registration CML
         // finishes at once completes in the same reconcile instead of after a poll interval.
         for (int round = 0; round < 2; ++round) {
             switch (decision.action) {
             case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
 
-            case license_action::complete_registration:
-            case license_action::fail: co_return co_await report(current, decision, &status);
+            case license_action::complete_registration: {
+                // The common end of an operation, reported here rather than through report(),
+                // which would cost a coroutine frame per operation.
+                auto details = registration_details_of(*status);
+                const auto key = task.key();
+                auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
+                co_return after_report(task, reported, "license registration completed");
+            }
+
+            case license_action::fail: co_return co_await report(task, decision, status);
 
             case license_action::post_registration: {
-                if (auto stop = co_await ensure_started(current)) {
-                    co_return *stop;
+                // Awaited here rather than in a helper coroutine, which would cost a frame per operation.
+                if (!task.started) {
+                    const auto key = task.key();
+                    auto started = co_await control_plane_->start(task.worker_id, key);
+                    if (auto stop = record_start(task, started)) {
+                        co_return *stop;
+                    }
                 }
-                if (!enough_claim_left(current)) {
-                    co_return renew_claim_first(current);
+                if (!enough_claim_left(task)) {
+                    co_return renew_claim_first(task);
                 }
-                const cml_endpoint endpoint{current.cml_url};
-                auto posted = co_await cml_->register_license(endpoint, *current.token, current.reregister);
+                auto posted = co_await cml_->register_license(endpoint, *task.token, task.reregister);
                 if (!posted) {
-                    co_return co_await on_cml_error(current, cml_call::register_license, posted.error());
+                    co_return co_await on_cml_error(task, cml_call::register_license, posted.error());
                 }
-                log_step("license registration posted to CML", current);
+                log_step("license registration posted to CML", task);
 
                 auto reread = co_await cml_->get_licensing_status(endpoint);
                 if (!reread) {
                     co_return reconcile::action::requeue_after(options_.poll_interval);
                 }
-                status = std::move(reread).value();
-                decision = decide(current, status);
+                reread_status = std::move(reread).value();
+                status = &*reread_status;
+                decision = decide(task, *status);
                 break;
             }
 
             case license_action::send_deregistration: {
-                if (auto stop = co_await ensure_started(current)) {
-                    co_return *stop;
+                if (!task.started) {
+                    const auto key = task.key();
+                    auto started = co_await control_plane_->start(task.worker_id, key);
+                    if (auto stop = record_start(task, started)) {
+                        co_return *stop;
+                    }
                 }
-                if (!enough_claim_left(current)) {
-                    co_return renew_claim_first(current);
+                if (!enough_claim_left(task)) {
+                    co_return renew_claim_first(task);
                 }
-                const cml_endpoint endpoint{current.cml_url};
                 auto outcome = co_await cml_->deregister_license(endpoint);
                 if (!outcome) {
-                    co_return co_await on_cml_error(current, cml_call::deregister_license, outcome.error());
+                    co_return co_await on_cml_error(task, cml_call::deregister_license, outcome.error());
                 }
                 std::optional<std::string> warning;
                 if (outcome.value() == cml_deregistration_outcome::deregistered_locally) {
                     warning = "CML deregistered the license locally but could not reach the Cisco licensing "
                               "service; the license may count as used there until it expires";
                 }
-                const auto key = current.key();
-                auto reported = co_await control_plane_->complete_deregistration(current.worker_id, key, warning);
-                co_return after_report(current, reported, "license deregistration completed");
+                const auto key = task.key();
+                auto reported = co_await control_plane_->complete_deregistration(task.worker_id, key, warning);
+                co_return after_report(task, reported, "license deregistration completed");
             }
             }
         }
@@ -323,24 +345,19 @@ private:
         return decide_registration(task, status, options_.decision);
     }
 
-    /// Records `start` unless the task is started. Returns the action to end the reconcile
-    /// with when the start was not recorded.
-    boost::asio::awaitable<std::optional<reconcile::action>> ensure_started(license_task& task)
+    /// Marks the task started once the control plane recorded `start`. Returns the action to
+    /// end the reconcile with when it did not.
+    std::optional<reconcile::action> record_start(license_task& task, const result<void>& started) const
     {
-        if (task.started) {
-            co_return std::nullopt;
-        }
-        const auto key = task.key();
-        auto started = co_await control_plane_->start(task.worker_id, key);
         if (!started) {
-            co_return after_report(task, started, {});
+            return after_report(task, started, {});
         }
         task.started = true;
         task.started_at = options_.wall_clock();
         log_step(task.operation == domain::license_operation::registration ? "license registration started"
                                                                           : "license deregistration started",
                  task);
-        co_return std::nullopt;
+        return std::nullopt;
     }
 
     boost::asio::awaitable<reconcile::action> report(const license_task& task, const license_decision& decision,

@@ -94,6 +94,17 @@ public:
         friend bool operator==(const fields&, const fields&) = default;
     };
 
+    /// The fields that the aggregate's methods change. The id, name, URL and creation time
+    /// are set only by `create` and `restore`, and the version only by `set_version`.
+    struct changeable_state {
+        worker_status status = worker_status::pending;
+        worker_status desired_status = worker_status::running;
+        cml_license license;
+        timestamp updated_at{};
+
+        friend bool operator==(const changeable_state&, const changeable_state&) = default;
+    };
+
     /// Creates a new, unsaved worker and records `worker_created`.
     /// Fails with `errc::invalid_argument` on a malformed id, name or URL.
     static result<cml_worker> create(std::string id, std::string name, std::string cml_url, worker_status status,
@@ -131,6 +142,9 @@ public:
     }
 
     const fields& state() const noexcept { return state_; }
+
+    /// Moves the fields out of a worker that is no longer needed, leaving its strings empty.
+    fields release_state() && noexcept { return std::move(state_); }
     const std::string& id() const noexcept { return state_.id; }
     const std::string& name() const noexcept { return state_.name; }
     const std::string& cml_url() const noexcept { return state_.cml_url; }
@@ -140,6 +154,10 @@ public:
     std::uint64_t version() const noexcept { return state_.version; }
     timestamp created_at() const noexcept { return state_.created_at; }
     timestamp updated_at() const noexcept { return state_.updated_at; }
+
+    /// Returns the fields that methods other than `set_version` can change. Comparing two
+    /// of them shows whether a method changed the worker, without copying its strings.
+    changeable_state changeable() const { return {state_.status, state_.desired_status, state_.license, state_.updated_at}; }
 
     /// Returns the events recorded since the worker was created or restored.
     const std::vector<domain_event>& events() const noexcept { return events_; }
@@ -331,6 +349,7 @@ public:
 
         license_registration_completed event{header(now), next.expiry_date, next.smart_account,
                                              next.virtual_account, next.authorization_status, {}};
+        event.features.reserve(next.features.size());
         for (const auto& feature : next.features) {
             event.features.push_back(feature.name);
         }
@@ -533,9 +552,11 @@ private:
         return success();
     }
 
-    void commit(cml_license::fields next, timestamp now)
+    // Takes an rvalue and builds the shared state in place, so the fields move once instead
+    // of twice on their way into the license.
+    void commit(cml_license::fields&& next, timestamp now)
     {
-        state_.license = cml_license(std::move(next));
+        state_.license.state_ = std::make_shared<const cml_license::fields>(std::move(next));
         state_.updated_at = now;
     }
 

@@ -7,14 +7,16 @@
 #include <lcm/storage/change_notifier.hpp>
 
 #include <boost/asio/awaitable.hpp>
+#include <boost/unordered/unordered_flat_map.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <tuple>
 #include <vector>
 
@@ -33,7 +35,7 @@ public:
         if (it == workers_.end()) {
             co_return errc::not_found;
         }
-        co_return it->second;
+        co_return domain::cml_worker::restore(it->second.state);
     }
 
     boost::asio::awaitable<result<std::uint64_t>> add(const domain::cml_worker& worker)
@@ -43,9 +45,8 @@ public:
             if (workers_.contains(worker.id())) {
                 co_return errc::already_exists;
             }
-            auto stored = worker;
-            stored.take_events();
-            stored.set_version(1);
+            record stored{worker.state(), pending_.end()};
+            stored.state.version = 1;
             index_pending(stored);
             ordered_ids_.insert(worker.id());
             workers_.emplace(worker.id(), std::move(stored));
@@ -63,15 +64,23 @@ public:
             if (it == workers_.end()) {
                 co_return errc::not_found;
             }
-            if (it->second.version() != worker.version()) {
+            auto& stored = it->second;
+            if (stored.state.version != worker.version()) {
                 co_return errc::version_conflict;
             }
-            unindex_pending(it->second);
-            it->second = worker;
-            it->second.take_events();
+            // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
+            // an allocation and a tree search.
+            const bool reindex = pending_key_of(stored.state) != pending_key_of(worker.state());
+            if (reindex) {
+                unindex_pending(stored);
+            }
+            // Assigning the fields reuses the stored strings' buffers and leaves the events behind.
+            stored.state = worker.state();
             version = worker.version() + 1;
-            it->second.set_version(version);
-            index_pending(it->second);
+            stored.state.version = version;
+            if (reindex) {
+                index_pending(stored);
+            }
         }
         notifier_.notify();
         co_return version;
@@ -82,7 +91,7 @@ public:
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
         for (auto it = ordered_ids_.upper_bound(after_id); it != ordered_ids_.end() && page.size() < limit; ++it) {
-            page.push_back(workers_.find(*it)->second);
+            page.push_back(restore(workers_.find(*it)->second.state));
         }
         co_return page;
     }
@@ -91,8 +100,10 @@ public:
     {
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
+        // Reserved, because growing a page of 100,000 workers would move each of them twice on average.
+        page.reserve(std::min(limit, pending_.size()));
         for (auto it = pending_.begin(); it != pending_.end() && page.size() < limit; ++it) {
-            page.push_back(workers_.find(std::get<1>(*it))->second);
+            page.push_back(restore(workers_.find(std::get<1>(*it))->second.state));
         }
         co_return page;
     }
@@ -122,23 +133,46 @@ private:
     // Pending operations ordered by request time, then id, so the oldest request comes first.
     using pending_key = std::tuple<timestamp, std::string>;
 
-    static pending_key pending_key_of(const domain::cml_worker& worker)
+    // The key of a worker in `pending_`, or nothing without a pending operation. It refers to
+    // the worker's id, so that comparing keys copies no string.
+    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_worker::fields& worker)
     {
-        return {worker.license().requested_at().value_or(timestamp{}), worker.id()};
+        const auto& license = worker.license;
+        if (!license.has_pending_operation()) {
+            return std::nullopt;
+        }
+        return std::tuple<timestamp, std::string_view>{license.requested_at().value_or(timestamp{}), worker.id};
     }
 
-    void index_pending(const domain::cml_worker& worker)
+    using pending_set = std::set<pending_key, std::less<>>;
+
+    // A stored worker and its entry in `pending_`, or `pending_.end()` when no operation is
+    // pending. Keeping the entry saves a tree search when the operation finishes, which
+    // with 100,000 pending workers is a chain of cache misses.
+    struct record {
+        domain::cml_worker::fields state;
+        pending_set::iterator pending;
+    };
+
+    void index_pending(record& stored)
     {
-        if (worker.license().has_pending_operation()) {
-            pending_.insert(pending_key_of(worker));
+        if (const auto key = pending_key_of(stored.state)) {
+            stored.pending = pending_.emplace(std::get<0>(*key), std::string(std::get<1>(*key))).first;
         }
     }
 
-    void unindex_pending(const domain::cml_worker& worker)
+    void unindex_pending(record& stored)
     {
-        if (worker.license().has_pending_operation()) {
-            pending_.erase(pending_key_of(worker));
+        if (stored.pending != pending_.end()) {
+            pending_.erase(stored.pending);
+            stored.pending = pending_.end();
         }
+    }
+
+    // Stored fields satisfy the aggregate's invariants, because they were saved from a worker.
+    static domain::cml_worker restore(const domain::cml_worker::fields& stored)
+    {
+        return domain::cml_worker::restore(stored).value();
     }
 
     struct string_hash {
@@ -148,9 +182,9 @@ private:
 
     mutable std::mutex mutex_;
     // Lookups by id go through the hash map; listing in id order goes through the ordered set.
-    std::unordered_map<std::string, domain::cml_worker, string_hash, std::equal_to<>> workers_;
+    boost::unordered_flat_map<std::string, record, string_hash, std::equal_to<>> workers_;
     std::set<std::string, std::less<>> ordered_ids_;
-    std::set<pending_key> pending_;
+    pending_set pending_;
     change_notifier notifier_;
 };
 

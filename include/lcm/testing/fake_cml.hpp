@@ -16,9 +16,12 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/unordered/unordered_flat_map.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -28,7 +31,6 @@
 #include <shared_mutex>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -203,7 +205,7 @@ public:
         }
 
         settle_registration();
-        reply.body = make_status();
+        fill_status(reply.body);
         end_request(reply);
         return reply;
     }
@@ -297,7 +299,7 @@ public:
     void revoke_token(std::string_view bearer)
     {
         std::lock_guard lock(mutex_);
-        if (auto found = tokens_.find(bearer); found != tokens_.end()) {
+        if (auto found = find_token(bearer); found != tokens_.end()) {
             tokens_.erase(found);
         }
     }
@@ -336,9 +338,16 @@ public:
 
 private:
     struct issued_token {
+        std::string value;
         const fake_cml_user* user;
         timestamp expires;
     };
+
+    std::vector<issued_token>::iterator find_token(std::string_view bearer)
+    {
+        return std::find_if(tokens_.begin(), tokens_.end(),
+                            [bearer](const issued_token& token) { return token.value == bearer; });
+    }
 
     timestamp now() const { return options_.clock ? options_.clock() : now_utc(); }
 
@@ -405,8 +414,13 @@ private:
     // instance; the last part is random so that tokens cannot be guessed from their order.
     secret issue_token(const fake_cml_user& user)
     {
-        std::string payload = R"({"sub":")" + user.username + R"(","iss":")" + name_ + R"(","jti":)" +
-                              std::to_string(++token_serial_) + "}";
+        std::array<char, 20> serial{};
+        const auto serial_end = std::to_chars(serial.data(), serial.data() + serial.size(), ++token_serial_).ptr;
+        std::string payload;
+        payload.reserve(40 + user.username.size() + name_.size());
+        payload.append(R"({"sub":")").append(user.username).append(R"(","iss":")").append(name_).append(R"(","jti":)");
+        payload.append(serial.data(), serial_end).push_back('}');
+
         std::array<char, 24> signature{};
         for (std::size_t i = 0; i < signature.size(); i += 8) {
             const auto bits = token_random_.next();
@@ -415,15 +429,18 @@ private:
             }
         }
 
-        std::string token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
-        token.reserve(token.size() + (payload.size() + signature.size()) * 4 / 3 + 4);
+        static constexpr std::string_view header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.";
+        std::string token;
+        token.reserve(header.size() + detail::base64url_length(payload.size()) + 1 +
+                      detail::base64url_length(signature.size()));
+        token.append(header);
         detail::append_base64url(token, payload);
         token.push_back('.');
         detail::append_base64url(token, std::string_view(signature.data(), signature.size()));
 
         const auto expires =
             options_.token_lifetime ? now() + *options_.token_lifetime : timestamp{timestamp::duration::max()};
-        tokens_.insert_or_assign(token, issued_token{&user, expires});
+        tokens_.push_back(issued_token{token, &user, expires});
         return secret(std::move(token));
     }
 
@@ -432,17 +449,17 @@ private:
     template <class Body>
     bool authorize(std::string_view bearer, fake_cml_reply<Body>& reply)
     {
-        const auto found = tokens_.find(bearer);
+        const auto found = find_token(bearer);
         if (found == tokens_.end()) {
             set_error(reply, 401, "No valid authorization token provided");
             return false;
         }
-        if (options_.token_lifetime && now() >= found->second.expires) {
+        if (options_.token_lifetime && now() >= found->expires) {
             tokens_.erase(found);
             set_error(reply, 401, "Authorization token expired");
             return false;
         }
-        if (!found->second.user->admin) {
+        if (!found->user->admin) {
             set_error(reply, 403, "User does not have admin rights");
             return false;
         }
@@ -511,6 +528,14 @@ private:
     cml_licensing_status make_status() const
     {
         cml_licensing_status status;
+        fill_status(status);
+        return status;
+    }
+
+    // Writes the licensing status into a default-constructed `status`, so that a reply's body
+    // is built in place instead of being moved into it.
+    void fill_status(cml_licensing_status& status) const
+    {
         status.registration_status = registration_;
         status.authorization_status = authorization_;
         status.registration_attempted = attempted_at_;
@@ -527,12 +552,13 @@ private:
             status.virtual_account = "Default";
             status.registration_expires = registration_expires_;
             status.authorization_expires = authorization_expires_;
-            status.features = {
-                cml_feature{"CML_ENTERPRISE", "CML Enterprise", "", "1.0", "IN_COMPLIANCE", 1, 1, 1, {}, {}},
-                cml_feature{"CML_NODE_COUNT", "CML Nodes", "", "1.0", "IN_COMPLIANCE", 0, 0, 20, {}, {}},
-            };
+            // Pushed one at a time, because the elements of a braced list would be copied once more.
+            status.features.reserve(2);
+            status.features.push_back(
+                cml_feature{"CML_ENTERPRISE", "CML Enterprise", "", "1.0", "IN_COMPLIANCE", 1, 1, 1, {}, {}});
+            status.features.push_back(
+                cml_feature{"CML_NODE_COUNT", "CML Nodes", "", "1.0", "IN_COMPLIANCE", 0, 0, 20, {}, {}});
         }
-        return status;
     }
 
     void call_hook(fake_cml_hook_point point) const
@@ -558,7 +584,11 @@ private:
     std::string failure_;
     bool licensing_service_reachable_ = true;
 
-    std::unordered_map<std::string, issued_token, detail::string_hash, std::equal_to<>> tokens_;
+    // A vector, because a host has one or two live tokens and 100,000 hosts each with a hash
+    // table would take far more memory. Tokens are searched linearly.
+    // NOTE: tokens leave only when revoked or presented after expiry, so a test that logs in
+    // to one instance thousands of times makes each call search all of them.
+    std::vector<issued_token> tokens_;
     std::uint64_t token_serial_ = 0;
     detail::random_generator token_random_;
 
@@ -654,7 +684,7 @@ private:
     const fake_cml_options options_;
     mutable std::shared_mutex mutex_;
     fake_cml_faults faults_;
-    std::unordered_map<std::string, std::unique_ptr<fake_cml_instance>, detail::string_hash, std::equal_to<>>
+    boost::unordered_flat_map<std::string, std::unique_ptr<fake_cml_instance>, detail::string_hash, std::equal_to<>>
         instances_;
 };
 
@@ -835,7 +865,7 @@ private:
     const logger log_;
 
     mutable std::shared_mutex sessions_mutex_;
-    std::unordered_map<std::string, std::unique_ptr<session>, detail::string_hash, std::equal_to<>> sessions_;
+    boost::unordered_flat_map<std::string, std::unique_ptr<session>, detail::string_hash, std::equal_to<>> sessions_;
 };
 
 static_assert(cml_client<fake_cml_client>);

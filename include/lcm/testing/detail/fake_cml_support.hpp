@@ -56,21 +56,41 @@ private:
     std::uint64_t state_;
 };
 
+/// Returns the length of the unpadded base64url encoding of `size` bytes.
+constexpr std::size_t base64url_length(std::size_t size) noexcept
+{
+    return size / 3 * 4 + (size % 3 == 0 ? 0 : size % 3 + 1);
+}
+
+/// Appends the unpadded base64url encoding of `bytes` to `out`. It grows `out` once and
+/// encodes three bytes per step, because a token is encoded on every fake login.
 inline void append_base64url(std::string& out, std::string_view bytes)
 {
     static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    std::uint32_t buffer = 0;
-    int bits = 0;
-    for (char c : bytes) {
-        buffer = (buffer << 8) | static_cast<unsigned char>(c);
-        bits += 8;
-        while (bits >= 6) {
-            bits -= 6;
-            out.push_back(alphabet[(buffer >> bits) & 0x3f]);
-        }
+    const std::size_t start = out.size();
+    out.resize(start + base64url_length(bytes.size()));
+    char* target = out.data() + start;
+    const auto byte = [&bytes](std::size_t i) { return static_cast<std::uint32_t>(static_cast<unsigned char>(bytes[i])); };
+
+    std::size_t i = 0;
+    for (; i + 3 <= bytes.size(); i += 3) {
+        const std::uint32_t group = byte(i) << 16 | byte(i + 1) << 8 | byte(i + 2);
+        *target++ = alphabet[group >> 18 & 0x3f];
+        *target++ = alphabet[group >> 12 & 0x3f];
+        *target++ = alphabet[group >> 6 & 0x3f];
+        *target++ = alphabet[group & 0x3f];
     }
-    if (bits > 0) {
-        out.push_back(alphabet[(buffer << (6 - bits)) & 0x3f]);
+    const std::size_t rest = bytes.size() - i;
+    if (rest == 1) {
+        const std::uint32_t group = byte(i) << 16;
+        *target++ = alphabet[group >> 18 & 0x3f];
+        *target++ = alphabet[group >> 12 & 0x3f];
+    }
+    else if (rest == 2) {
+        const std::uint32_t group = byte(i) << 16 | byte(i + 1) << 8;
+        *target++ = alphabet[group >> 18 & 0x3f];
+        *target++ = alphabet[group >> 12 & 0x3f];
+        *target++ = alphabet[group >> 6 & 0x3f];
     }
 }
 
