@@ -526,8 +526,8 @@ TEST_CASE("api change feed returns sequence", "[integration]")
         auto ahead = co_await send(port, std::move(ahead_request));
         CHECK(json_of(ahead).at("sequence") == current);
 
-        // The repository's own sequence, as an earlier process without a base would have
-        // returned it, is answered at once.
+        // The feed returns the current sequence at once for the repository's own sequence,
+        // which an earlier process without a base would have returned.
         const auto raw_target =
             "/api/internal/changes?after=" + std::to_string(f.repository.change_sequence()) + "&timeout_ms=10000";
         auto raw_request = make_request(verb::get, raw_target, credentials::internal);
@@ -548,7 +548,7 @@ TEST_CASE("api change feed returns sequence", "[integration]")
 TEST_CASE("api change sequence differs per process", "[integration]")
 {
     // A restarted control plane is a new api object on the same store. Its feed must not
-    // return the sequence that a controller still holds from the earlier process.
+    // return the sequence that a controller still keeps from the earlier process.
     storage::memory_repository repository;
     sink_type sink;
     application::control_plane<storage::memory_repository, sink_type> plane(repository, sink);

@@ -67,7 +67,7 @@ constexpr int scale_out_lease_ms = 3000;
 /// the claim over (`license_reconciler_options::takeover_margin`).
 constexpr auto takeover_margin = std::chrono::milliseconds(500);
 /// The allowance for scheduling and for the test's own reads on top of the lease and the
-/// margin: a loaded 2-core machine runs five processes, a PostgreSQL server and the test.
+/// margin, because a loaded 2-core machine runs six processes, a PostgreSQL server and the test.
 constexpr auto takeover_allowance = std::chrono::milliseconds(2500);
 /// Claims that the controller to be killed must hold on started operations before the kill.
 /// Up to `--concurrency` (4) of them may still end through reports that were in flight at
@@ -346,7 +346,7 @@ struct orphaned_claim {
     bool ended_by_holder = false;
 };
 
-/// Returns the claims that `holder` holds on pending operations, by worker id.
+/// Returns the claims of `holder` on pending operations, by worker id.
 std::map<std::string, orphaned_claim> claims_of(const worker_map& workers, std::string_view holder)
 {
     std::map<std::string, orphaned_claim> claims;
@@ -852,7 +852,7 @@ TEST_CASE("license flow scales out on postgres", "[integration][programs][postgr
         third_controller = setup.start_worker_controller(first_plane_port, lease_flags("controller-c"));
         read_port(*third_controller);
 
-        // Kill the first controller while it holds claims on started operations and other
+        // Kill the first controller while it owns claims on started operations and other
         // operations have not started yet.
         auto kill_point = [&registrations](const worker_map& workers) {
             std::size_t in_progress = 0;
@@ -893,8 +893,9 @@ TEST_CASE("license flow scales out on postgres", "[integration][programs][postgr
     testing::run_with_timeout(context, flow(), flow_timeout);
     REQUIRE(third_controller);
 
-    // Each claim was taken over after it expired, and within the lease of the kill plus the
-    // takeover margin: the killed controller had renewed each claim before it died.
+    // Each claim was taken over after it expired, and within the lease plus the takeover
+    // margin after the kill, because the killed controller last renewed each claim before it
+    // died.
     const auto takeover_limit = std::chrono::milliseconds(scale_out_lease_ms) + takeover_margin + takeover_allowance;
     std::size_t takeovers = 0;
     for (const auto& [id, claim] : orphans) {

@@ -47,9 +47,9 @@ struct license_task {
     /// Time left on the claim when the control plane granted it; zero in tasks read otherwise.
     /// A controller adds it to its own clock, so clocks that disagree do not skew the wait.
     std::chrono::milliseconds claim_remaining{0};
-    /// When this controller's claim expires at the earliest, on its own steady clock: the
-    /// time just before it sent the claim request plus `claim_remaining`. Set by the license
-    /// handler on the claims it holds; empty in tasks read otherwise.
+    /// The earliest expiry of this controller's claim on its own steady clock, which is the
+    /// time just before it sent the claim request plus `claim_remaining`. The license handler
+    /// sets it on its own claims. Tasks read otherwise leave it empty.
     std::optional<std::chrono::steady_clock::time_point> claim_deadline{};
 
     /// Returns the key that reports on this task name: its operation and its claim's fence.

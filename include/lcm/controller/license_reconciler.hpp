@@ -245,7 +245,7 @@ public:
             co_return co_await report(task, *observed.verdict, nullptr);
         }
 
-        // Built once, because each copy of the URL allocates; `task.cml_url` is empty afterwards.
+        // Built once, because each copy of the URL allocates. `task.cml_url` is empty afterwards.
         const cml_endpoint endpoint{std::move(task.cml_url)};
         // Points to the observed status until a re-read replaces it, so the first decision
         // needs no copy of the status.
@@ -255,6 +255,23 @@ public:
         // Two rounds: act, then read the status once more, so that a registration CML
         // finishes at once completes in the same reconcile instead of after a poll interval.
         for (int round = 0; round < 2; ++round) {
+            const bool mutates_cml = decision.action == license_action::post_registration ||
+                                     decision.action == license_action::send_deregistration;
+            if (mutates_cml) {
+                // Awaited here rather than in a helper coroutine, which would cost a frame per
+                // operation.
+                if (!task.started) {
+                    const auto key = task.key();
+                    auto started = co_await control_plane_->start(task.worker_id, key);
+                    if (auto stop = record_start(task, started)) {
+                        co_return *stop;
+                    }
+                }
+                if (!enough_claim_left(task)) {
+                    co_return renew_claim_first(task);
+                }
+            }
+
             switch (decision.action) {
             case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
 
@@ -270,17 +287,6 @@ public:
             case license_action::fail: co_return co_await report(task, decision, status);
 
             case license_action::post_registration: {
-                // Awaited here rather than in a helper coroutine, which would cost a frame per operation.
-                if (!task.started) {
-                    const auto key = task.key();
-                    auto started = co_await control_plane_->start(task.worker_id, key);
-                    if (auto stop = record_start(task, started)) {
-                        co_return *stop;
-                    }
-                }
-                if (!enough_claim_left(task)) {
-                    co_return renew_claim_first(task);
-                }
                 auto posted = co_await cml_->register_license(endpoint, *task.token, task.reregister);
                 if (!posted) {
                     co_return co_await on_cml_error(task, cml_call::register_license, posted.error());
@@ -298,16 +304,6 @@ public:
             }
 
             case license_action::send_deregistration: {
-                if (!task.started) {
-                    const auto key = task.key();
-                    auto started = co_await control_plane_->start(task.worker_id, key);
-                    if (auto stop = record_start(task, started)) {
-                        co_return *stop;
-                    }
-                }
-                if (!enough_claim_left(task)) {
-                    co_return renew_claim_first(task);
-                }
                 auto outcome = co_await cml_->deregister_license(endpoint);
                 if (!outcome) {
                     co_return co_await on_cml_error(task, cml_call::deregister_license, outcome.error());
@@ -462,7 +458,7 @@ private:
 struct license_controller_options {
     license_reconciler_options license;
     /// The reconcile loop's options. Its `reconcile_timeout` is at most half of
-    /// `license.lease`: a longer value, or none, is replaced by that half.
+    /// `license.lease`, so a longer value, or none, is replaced by that half.
     reconcile::reconciler_options reconciler;
     /// Whether to wait on the control plane's change feed and enqueue new intents at once.
     /// Without it, new intents are found by the periodic resync only.
