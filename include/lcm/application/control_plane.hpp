@@ -44,6 +44,27 @@ struct operation_claim {
     timestamp decided_at{};
 };
 
+/// A claim decision as a projection of `claim_operation` sees it. `worker` is the worker after
+/// the claim; when `granted` is false it is unchanged and its license names the other claim.
+struct claim_view {
+    const domain::cml_worker& worker;
+    bool granted = false;
+    timestamp decided_at{};
+};
+
+/// The projection that makes a command return a copy of the worker it saved: the default.
+struct copy_worker {
+    domain::cml_worker operator()(const domain::cml_worker& worker) const { return worker; }
+    domain::cml_worker operator()(domain::cml_worker&& worker) const { return std::move(worker); }
+    operation_claim operator()(const claim_view& claim) const { return {claim.worker, claim.granted, claim.decided_at}; }
+};
+
+/// The projection that makes a command return `result<void>`, for callers that need nothing
+/// of the saved worker.
+struct discard_worker {
+    void operator()(const domain::cml_worker&) const noexcept {}
+};
+
 /// A request to add a worker. An empty `id` gets a random UUID.
 struct add_worker_request {
     std::string id;
@@ -67,8 +88,15 @@ struct control_plane_options {
 ///
 /// Each mutating command loads the worker, applies one aggregate method, saves with the
 /// version it read, and on `version_conflict` starts over, at most `max_attempts` times.
-/// Events reach the sink only after the save succeeded, and a command that changed nothing
-/// (an idempotent repeat) neither saves nor publishes.
+/// With a `lending_worker_repository` it changes the stored worker in place instead, which
+/// cannot conflict. Events reach the sink only after the save succeeded, and a command that
+/// changed nothing (an idempotent repeat) neither saves nor publishes.
+///
+/// The commands that report on an operation (`claim_operation`, `start_operation`,
+/// `complete_*`, `fail_operation`) take a projection of the saved worker, which decides what
+/// they return: a copy of the worker by default (`copy_worker`), nothing with
+/// `discard_worker`. It may run with the repository locked, so it must be quick and must not
+/// call the repository.
 ///
 /// Thread safety: as safe as the repository and the sink; the handlers keep no state of
 /// their own besides the id generator, which is guarded. Cancellation: as the repository's.
@@ -111,10 +139,13 @@ public:
                                                                             domain::worker_status status,
                                                                             std::string initiated_by)
     {
-        co_return co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
-            worker.change_status(status, initiated_by);
-            return success();
-        });
+        co_return co_await mutate(
+            worker_id,
+            [&](domain::cml_worker& worker) -> result<void> {
+                worker.change_status(status, initiated_by);
+                return success();
+            },
+            copy_worker{});
     }
 
     /// Records the intent to register `token` on a worker. See
@@ -126,7 +157,7 @@ public:
         auto accepted = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<operation_accepted> {
             BOOST_OUTCOME_TRY(auto operation_id, worker.request_license_registration(token, reregister, initiated_by));
             return operation_accepted{worker.id(), operation_id, domain::license_operation::registration};
-        });
+        }, discard_worker{});
         log_outcome("license registration requested", worker_id, accepted);
         co_return accepted;
     }
@@ -138,7 +169,7 @@ public:
         auto accepted = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<operation_accepted> {
             BOOST_OUTCOME_TRY(auto operation_id, worker.request_license_deregistration(initiated_by));
             return operation_accepted{worker.id(), operation_id, domain::license_operation::deregistration};
-        });
+        }, discard_worker{});
         log_outcome("license deregistration requested", worker_id, accepted);
         co_return accepted;
     }
@@ -148,77 +179,87 @@ public:
     /// controller is not an error here: the answer has `granted` false and names that claim.
     /// Fails with `not_found` for an unknown worker or when no operation is pending, and
     /// `invalid_argument` for an empty or over-long holder or a lease that is not positive.
-    boost::asio::awaitable<result<operation_claim>> claim_operation(std::string worker_id, std::string holder,
-                                                                    std::chrono::milliseconds lease)
+    /// `project` receives a `claim_view` and makes the answer; the default is an `operation_claim`.
+    template <class Project = copy_worker>
+    auto claim_operation(std::string worker_id, std::string holder, std::chrono::milliseconds lease,
+                         Project project = {})
+        -> boost::asio::awaitable<result<std::invoke_result_t<Project&, const claim_view&>>>
     {
-        std::optional<domain::cml_worker> held_elsewhere;
+        std::optional<std::invoke_result_t<Project&, const claim_view&>> held_elsewhere;
         timestamp decided_at{};
-        auto claimed = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
+        auto claim = [&](domain::cml_worker& worker) -> result<void> {
             decided_at = options_.clock();
             auto fence = worker.claim_license_operation(holder, lease, decided_at);
             if (!fence) {
                 if (fence.error() == errc::claimed) {
-                    held_elsewhere = worker;
+                    held_elsewhere.emplace(project(claim_view{worker, false, decided_at}));
                 }
                 return fence.error();
             }
             return success();
-        });
+        };
+        auto granted = [&](const domain::cml_worker& worker) {
+            if (log_.enabled(log_level::debug)) {
+                const auto& license = worker.license();
+                log_.debug("license operation claimed", {{"worker_id", worker.id()},
+                                                         {"operation_id", std::to_string(license.operation_id())},
+                                                         {"holder", holder},
+                                                         {"fence", std::to_string(license.fence())},
+                                                         {"expires_at", format_timestamp(*license.claim_expires_at())}});
+            }
+            return project(claim_view{worker, true, decided_at});
+        };
+        auto claimed = co_await mutate(std::move(worker_id), claim, granted);
         if (!claimed && held_elsewhere) {
-            co_return operation_claim{std::move(*held_elsewhere), false, decided_at};
+            co_return std::move(*held_elsewhere);
         }
-        if (!claimed) {
-            co_return claimed.error();
-        }
-        if (log_.enabled(log_level::debug)) {
-            const auto& license = claimed.value().license();
-            log_.debug("license operation claimed", {{"worker_id", worker_id},
-                                                     {"operation_id", std::to_string(license.operation_id())},
-                                                     {"holder", holder},
-                                                     {"fence", std::to_string(license.fence())},
-                                                     {"expires_at", format_timestamp(*license.claim_expires_at())}});
-        }
-        co_return operation_claim{std::move(claimed).value(), true, decided_at};
+        co_return claimed;
     }
 
     /// Marks an operation as started, before a worker-controller first calls CML. `key`
     /// carries the fence of the controller's claim.
-    boost::asio::awaitable<result<domain::cml_worker>> start_operation(std::string worker_id, domain::operation_key key)
+    template <class Project = copy_worker>
+    auto start_operation(std::string worker_id, domain::operation_key key, Project project = {})
     {
         // Returns mutate's awaitable without a coroutine frame of its own, so the change stores
         // the key by value.
-        return mutate(std::move(worker_id),
-                      [key](domain::cml_worker& worker) { return worker.start_license_operation(key); });
+        return mutate(
+            std::move(worker_id), [key](domain::cml_worker& worker) { return worker.start_license_operation(key); },
+            std::move(project));
     }
 
-    boost::asio::awaitable<result<domain::cml_worker>> complete_registration(std::string worker_id,
-                                                                             domain::operation_key key,
-                                                                             domain::registration_details details)
+    template <class Project = copy_worker>
+    auto complete_registration(std::string worker_id, domain::operation_key key,
+                               domain::registration_details details, Project project = {})
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
-            return worker.complete_license_registration(key, details);
-        });
-        log_finish("license registration completed", worker_id, key, done);
-        co_return done;
+        return mutate(
+            std::move(worker_id),
+            [key, details = std::move(details)](domain::cml_worker& worker) mutable {
+                return worker.complete_license_registration(key, pass_on(details));
+            },
+            std::move(project), finish_log{this, "license registration completed", key});
     }
 
-    boost::asio::awaitable<result<domain::cml_worker>> complete_deregistration(std::string worker_id,
-                                                                               domain::operation_key key,
-                                                                               std::optional<std::string> warning)
+    template <class Project = copy_worker>
+    auto complete_deregistration(std::string worker_id, domain::operation_key key,
+                                 std::optional<std::string> warning, Project project = {})
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
-            return worker.complete_license_deregistration(key, warning);
-        });
-        log_finish("license deregistration completed", worker_id, key, done);
-        co_return done;
+        return mutate(
+            std::move(worker_id),
+            [key, warning = std::move(warning)](domain::cml_worker& worker) mutable {
+                return worker.complete_license_deregistration(key, pass_on(warning));
+            },
+            std::move(project), finish_log{this, "license deregistration completed", key});
     }
 
     /// Records the failure of the operation, whichever kind it is. `message` may quote the
     /// token; the aggregate stores it redacted.
-    boost::asio::awaitable<result<domain::cml_worker>> fail_operation(std::string worker_id, domain::operation_key key,
-                                                                      std::string error_code, std::string message)
+    template <class Project = copy_worker>
+    auto fail_operation(std::string worker_id, domain::operation_key key, std::string error_code, std::string message,
+                        Project project = {})
     {
-        auto done = co_await mutate(worker_id, [&](domain::cml_worker& worker) -> result<void> {
+        auto fail = [key, error_code = std::move(error_code),
+                     message = std::move(message)](domain::cml_worker& worker) mutable -> result<void> {
             const auto& license = worker.license();
             // A finished operation keeps its kind in last_operation, so a repeated failure
             // still reaches the aggregate, which accepts it idempotently.
@@ -226,66 +267,145 @@ public:
                                   ? license.last_operation()
                                   : license.pending_operation();
             if (kind == domain::license_operation::deregistration) {
-                return worker.fail_license_deregistration(key, error_code, message);
+                return worker.fail_license_deregistration(key, pass_on(error_code), pass_on(message));
             }
-            return worker.fail_license_registration(key, error_code, message);
-        });
-        log_finish("license operation failed", worker_id, key, done);
-        co_return done;
+            return worker.fail_license_registration(key, pass_on(error_code), pass_on(message));
+        };
+        return mutate(std::move(worker_id), std::move(fail), std::move(project),
+                      finish_log{this, "license operation failed", key});
     }
 
 private:
-    /// The result of `mutate` with `Change`: the worker as saved (or as loaded, when nothing
-    /// changed) for a change that returns `result<void>`, the change's own result otherwise.
-    template <class Change>
-    using mutate_result = std::conditional_t<std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>,
-                                             result<domain::cml_worker>, std::invoke_result_t<Change&, domain::cml_worker&>>;
+    /// The result of `mutate`: the change's own result, or for a change that returns
+    /// `result<void>`, the projection of the saved worker (`result<void>` when it returns nothing).
+    template <class Change, class Project>
+    using mutate_result =
+        std::conditional_t<std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>,
+                           result<std::invoke_result_t<Project&, const domain::cml_worker&>>,
+                           std::invoke_result_t<Change&, domain::cml_worker&>>;
 
-    /// Loads, applies `change`, saves; retries on version conflicts. `change` returns
+    /// Logs nothing about a command's end.
+    struct no_log {
+        void operator()(const std::string&, const boost::system::error_code*) const noexcept {}
+    };
+
+    /// Logs the end of a report on an operation: info when applied, a warning when rejected.
+    struct finish_log {
+        control_plane* plane;
+        std::string_view message;
+        domain::operation_key key;
+
+        void operator()(const std::string& worker_id, const boost::system::error_code* error) const
+        {
+            plane->log_finish(message, worker_id, key, error);
+        }
+    };
+
+    /// Hands an argument of a change on to the aggregate: moved when the change runs once, as
+    /// with a lending repository, and copied when a version conflict may run it again.
+    template <class T>
+    static T pass_on(T& value)
+    {
+        if constexpr (lending_worker_repository<Repository>) {
+            return std::move(value);
+        }
+        else {
+            return value;
+        }
+    }
+
+    /// Applies `change` to the worker and saves it; see the class comment. `change` returns
     /// `result<T>` and leaves the worker unchanged when it fails. A change that recorded no
     /// event and left the state as it was is not saved. A claim renewal records no event but
-    /// moves the expiry, so it is saved.
+    /// moves the expiry, so it is saved. `log` is called once with the worker id and the error,
+    /// or a null error on success.
     /// Takes the id by value, so that a command may return mutate's awaitable without
     /// awaiting it in a frame of its own.
-    template <class Change>
-    auto mutate(std::string worker_id, Change change) -> boost::asio::awaitable<mutate_result<Change>>
+    template <class Change, class Project, class Log = no_log>
+    auto mutate(std::string worker_id, Change change, Project project, Log log = {})
+        -> boost::asio::awaitable<mutate_result<Change, Project>>
     {
-        constexpr bool returns_worker = std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>;
-        for (int attempt = 1;; ++attempt) {
-            BOOST_OUTCOME_CO_TRY(auto worker, co_await repository_.get(worker_id));
-            const auto before = worker.changeable();
-            auto outcome = change(worker);
-            if (!outcome) {
-                co_return outcome.error();
-            }
-            if (worker.events().empty() && worker.changeable() == before) {
-                if constexpr (returns_worker) {
-                    co_return std::move(worker);
+        if constexpr (lending_worker_repository<Repository>) {
+            std::vector<domain::domain_event> events;
+            std::optional<mutate_result<Change, Project>> answer;
+            {
+                auto loan = repository_.borrow(worker_id);
+                if (!loan) {
+                    log(worker_id, &loan.error());
+                    co_return loan.error();
                 }
-                else {
-                    co_return outcome;
+                auto& worker = loan.value().worker();
+                auto outcome = change(worker);
+                if (!outcome) {
+                    log(worker_id, &outcome.error());
+                    co_return outcome.error();
                 }
+                if (loan.value().changed()) {
+                    events = loan.value().save();
+                }
+                answer.emplace(answer_of<mutate_result<Change, Project>>(outcome, project, std::as_const(worker)));
             }
-
-            auto saved = co_await repository_.update(worker);
-            if (saved) {
-                worker.set_version(saved.value());
-                auto events = worker.take_events();
+            // The loan has ended, so the sink runs without the repository's lock.
+            log(worker_id, nullptr);
+            if (!events.empty()) {
                 co_await sink_.publish(std::move(events));
-                if constexpr (returns_worker) {
-                    co_return std::move(worker);
-                }
-                else {
-                    co_return outcome;
-                }
             }
-            if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {
-                log_.warning("saving worker failed",
-                             {{"worker_id", worker_id}, {"error", saved.error().message()},
-                              {"attempts", std::to_string(attempt)}});
-                co_return saved.error();
+            co_return std::move(*answer);
+        }
+        else {
+            for (int attempt = 1;; ++attempt) {
+                auto loaded = co_await repository_.get(worker_id);
+                if (!loaded) {
+                    log(worker_id, &loaded.error());
+                    co_return loaded.error();
+                }
+                auto& worker = loaded.value();
+                const auto before = worker.changeable();
+                auto outcome = change(worker);
+                if (!outcome) {
+                    log(worker_id, &outcome.error());
+                    co_return outcome.error();
+                }
+                if (worker.events().empty() && worker.changeable() == before) {
+                    log(worker_id, nullptr);
+                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, std::move(worker));
+                }
+
+                auto saved = co_await repository_.update(worker);
+                if (saved) {
+                    worker.set_version(saved.value());
+                    auto events = worker.take_events();
+                    log(worker_id, nullptr);
+                    co_await sink_.publish(std::move(events));
+                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, std::move(worker));
+                }
+                if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {
+                    log_.warning("saving worker failed",
+                                 {{"worker_id", worker_id}, {"error", saved.error().message()},
+                                  {"attempts", std::to_string(attempt)}});
+                    log(worker_id, &saved.error());
+                    co_return saved.error();
+                }
+                log_.debug("version conflict, retrying", {{"worker_id", worker_id}, {"attempt", std::to_string(attempt)}});
             }
-            log_.debug("version conflict, retrying", {{"worker_id", worker_id}, {"attempt", std::to_string(attempt)}});
+        }
+    }
+
+    /// Makes mutate's answer from a change's successful `outcome`: the outcome itself, or the
+    /// projection of the saved worker for a change that returns `result<void>`.
+    /// The worker is moved into the projection when it is the command's own copy.
+    template <class Answer, class Outcome, class Project, class Worker>
+    static Answer answer_of(Outcome& outcome, Project& project, Worker&& worker)
+    {
+        if constexpr (!std::is_same_v<Outcome, result<void>>) {
+            return std::move(outcome);
+        }
+        else if constexpr (std::is_void_v<std::invoke_result_t<Project&, const domain::cml_worker&>>) {
+            project(std::forward<Worker>(worker));
+            return success();
+        }
+        else {
+            return project(std::forward<Worker>(worker));
         }
     }
 
@@ -304,12 +424,12 @@ private:
     }
 
     void log_finish(std::string_view message, const std::string& worker_id, domain::operation_key key,
-                    const result<domain::cml_worker>& done)
+                    const boost::system::error_code* error)
     {
-        if (!log_.enabled(done ? log_level::info : log_level::warning)) {
+        if (!log_.enabled(error == nullptr ? log_level::info : log_level::warning)) {
             return;
         }
-        if (done) {
+        if (error == nullptr) {
             log_.info(message, {{"worker_id", worker_id},
                                 {"operation_id", std::to_string(key.operation_id)},
                                 {"fence", std::to_string(key.fence)}});
@@ -318,7 +438,7 @@ private:
             log_.warning("license operation report rejected", {{"worker_id", worker_id},
                                                                {"operation_id", std::to_string(key.operation_id)},
                                                                {"fence", std::to_string(key.fence)},
-                                                               {"error", done.error().message()}});
+                                                               {"error", error->message()}});
         }
     }
 

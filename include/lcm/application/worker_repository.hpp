@@ -44,4 +44,23 @@ concept worker_repository = requires(R& repository, const domain::cml_worker& wo
     { repository.wait_for_change(sequence) } -> std::same_as<boost::asio::awaitable<result<std::uint64_t>>>;
 };
 
+/// A `worker_repository` that can also lend a stored worker for a change in place, which saves
+/// copying the worker into and out of the repository. The control plane uses it when present.
+///
+/// - `borrow(id)`: a loan of the stored worker, or `errc::not_found`. The repository stays
+///   locked while the loan lives. `loan.worker()` is the stored worker; `loan.changed()`
+///   tells whether it recorded an event or changed a field since the loan began;
+///   `loan.save()` keeps its change under the next version and returns the change's events;
+///   a loan that ends without `save()` puts the worker back as it was. A loan must end
+///   before its holder suspends.
+///
+/// Only a repository whose state lives in the process can offer this; a database cannot hold
+/// a row lent out without a transaction.
+template <class R>
+concept lending_worker_repository = worker_repository<R> && requires(R& repository, std::string_view id) {
+    { repository.borrow(id).value().worker() } -> std::same_as<domain::cml_worker&>;
+    { repository.borrow(id).value().changed() } -> std::same_as<bool>;
+    { repository.borrow(id).value().save() } -> std::same_as<std::vector<domain::domain_event>>;
+};
+
 } // namespace lcm::application

@@ -113,7 +113,7 @@ inline std::optional<license_task> task_of(domain::cml_worker&& worker)
 }
 
 /// Builds the result of a claim from the control plane's decision.
-inline license_claim claim_of(const application::operation_claim& decision)
+inline license_claim claim_of(const application::claim_view& decision)
 {
     const auto& license = decision.worker.license();
     license_claim claim;
@@ -126,6 +126,11 @@ inline license_claim claim_of(const application::operation_claim& decision)
         claim.task->claim_remaining = claim.remaining;
     }
     return claim;
+}
+
+inline license_claim claim_of(const application::operation_claim& decision)
+{
+    return claim_of(application::claim_view{decision.worker, decision.granted, decision.decided_at});
 }
 
 /// The control-plane calls of a worker-controller.
@@ -191,38 +196,39 @@ public:
         co_return task_of(worker);
     }
 
+    // The reports return the control plane's awaitables directly, without a coroutine frame of
+    // their own, and project the claim or nothing instead of copying the worker.
+
     boost::asio::awaitable<result<license_claim>> claim(std::string_view worker_id, std::string_view holder,
                                                         std::chrono::milliseconds lease)
     {
-        std::string worker(worker_id);
-        std::string holder_id(holder);
-        BOOST_OUTCOME_CO_TRY(auto decision,
-                             co_await plane_.claim_operation(std::move(worker), std::move(holder_id), lease));
-        co_return claim_of(decision);
+        return plane_.claim_operation(std::string(worker_id), std::string(holder), lease, project_claim{});
     }
 
     boost::asio::awaitable<result<void>> start(std::string_view worker_id, domain::operation_key key)
     {
-        co_return discard(co_await plane_.start_operation(std::string(worker_id), key));
+        return plane_.start_operation(std::string(worker_id), key, application::discard_worker{});
     }
 
     boost::asio::awaitable<result<void>> complete_registration(std::string_view worker_id, domain::operation_key key,
                                                                domain::registration_details details)
     {
-        co_return discard(co_await plane_.complete_registration(std::string(worker_id), key, std::move(details)));
+        return plane_.complete_registration(std::string(worker_id), key, std::move(details),
+                                            application::discard_worker{});
     }
 
     boost::asio::awaitable<result<void>> complete_deregistration(std::string_view worker_id, domain::operation_key key,
                                                                  std::optional<std::string> warning)
     {
-        co_return discard(co_await plane_.complete_deregistration(std::string(worker_id), key, std::move(warning)));
+        return plane_.complete_deregistration(std::string(worker_id), key, std::move(warning),
+                                              application::discard_worker{});
     }
 
     boost::asio::awaitable<result<void>> fail(std::string_view worker_id, domain::operation_key key,
                                               std::string error_code, std::string message)
     {
-        co_return discard(
-            co_await plane_.fail_operation(std::string(worker_id), key, std::move(error_code), std::move(message)));
+        return plane_.fail_operation(std::string(worker_id), key, std::move(error_code), std::move(message),
+                                     application::discard_worker{});
     }
 
     boost::asio::awaitable<result<std::uint64_t>> change_sequence()
@@ -236,13 +242,9 @@ public:
     }
 
 private:
-    static result<void> discard(const result<domain::cml_worker>& outcome)
-    {
-        if (!outcome) {
-            return outcome.error();
-        }
-        return success();
-    }
+    struct project_claim {
+        license_claim operator()(const application::claim_view& decision) const { return claim_of(decision); }
+    };
 
     application::control_plane<Repository, Sink>& plane_;
 };

@@ -168,6 +168,22 @@ public:
     /// Sets the version after a repository saved this state. Only repositories call this.
     void set_version(std::uint64_t version) noexcept { state_.version = version; }
 
+    /// Copies the fields of `saved`, without its events. Repositories that keep aggregates call
+    /// this to store a worker they saved.
+    void assign_state(const cml_worker& saved) { state_ = saved.state_; }
+
+    /// Puts back the fields that `changeable()` returned and drops the events recorded since.
+    /// Repositories that lend a stored worker for a change in place call this to undo a change
+    /// they do not keep.
+    void revert(changeable_state saved) noexcept
+    {
+        state_.status = saved.status;
+        state_.desired_status = saved.desired_status;
+        state_.license = std::move(saved.license);
+        state_.updated_at = saved.updated_at;
+        events_.clear();
+    }
+
     /// Compares the state and ignores uncommitted events.
     friend bool operator==(const cml_worker& lhs, const cml_worker& rhs) noexcept { return lhs.state_ == rhs.state_; }
 

@@ -18,16 +18,91 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lcm::storage {
 
 /// Keeps workers in memory; nothing survives the process.
 ///
+/// Besides the `worker_repository` members it lends a stored worker for a change in place
+/// (`borrow`), which saves the copies of `get` and `update`; see `application::lending_worker_repository`.
+///
 /// Thread safety: every member may be called concurrently; one mutex guards the state and
 /// no coroutine suspends while holding it. Cancellation: only `wait_for_change` suspends.
 class memory_repository {
+    struct record;
+
 public:
+    /// A stored worker lent for a change in place, with the repository locked until the loan
+    /// ends. `save()` keeps the change under the next version; a loan that ends without it
+    /// puts the worker back as it was, so a change that failed or threw halfway leaves no
+    /// trace. A loan must end before its holder suspends, and its holder must not call the
+    /// repository meanwhile. Nothing may change the worker after `save()`.
+    class loan {
+    public:
+        loan(loan&& other) noexcept
+            : repository_(other.repository_),
+              record_(std::exchange(other.record_, nullptr)),
+              lock_(std::move(other.lock_)),
+              before_(std::move(other.before_)),
+              saved_(other.saved_)
+        {
+        }
+
+        loan& operator=(loan&&) = delete;
+
+        ~loan()
+        {
+            if (record_ == nullptr) {
+                return;
+            }
+            if (!saved_) {
+                record_->worker.revert(std::move(before_));
+            }
+            lock_.unlock();
+            if (saved_) {
+                repository_->notifier_.notify();
+            }
+        }
+
+        domain::cml_worker& worker() noexcept { return record_->worker; }
+
+        /// Returns whether the worker recorded an event or changed a field since the loan began.
+        bool changed() const { return !record_->worker.events().empty() || record_->worker.changeable() != before_; }
+
+        /// Keeps the change: stores the worker with the next version, and returns the events it
+        /// recorded, which the stored worker does not keep.
+        std::vector<domain::domain_event> save()
+        {
+            auto& stored = *record_;
+            const auto version = stored.worker.version() + 1;
+            // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
+            // an allocation and a tree search.
+            if (pending_key_of(before_.license, stored.worker.id()) != pending_key_of(stored.worker)) {
+                repository_->unindex_pending(stored);
+                repository_->index_pending(stored);
+            }
+            stored.worker.set_version(version);
+            saved_ = true;
+            return stored.worker.take_events();
+        }
+
+    private:
+        friend class memory_repository;
+
+        loan(memory_repository& repository, record& stored, std::unique_lock<std::mutex> lock)
+            : repository_(&repository), record_(&stored), lock_(std::move(lock)), before_(stored.worker.changeable())
+        {
+        }
+
+        memory_repository* repository_;
+        record* record_;
+        std::unique_lock<std::mutex> lock_;
+        domain::cml_worker::changeable_state before_;
+        bool saved_ = false;
+    };
+
     boost::asio::awaitable<result<domain::cml_worker>> get(std::string_view id)
     {
         std::lock_guard lock(mutex_);
@@ -35,7 +110,19 @@ public:
         if (it == workers_.end()) {
             co_return errc::not_found;
         }
-        co_return domain::cml_worker::restore(it->second.state);
+        co_return it->second.worker;
+    }
+
+    /// Lends the stored worker for a change in place; `errc::not_found` for an unknown id.
+    /// Blocks while another loan or call holds the lock.
+    result<loan> borrow(std::string_view id)
+    {
+        std::unique_lock lock(mutex_);
+        auto it = workers_.find(id);
+        if (it == workers_.end()) {
+            return errc::not_found;
+        }
+        return loan(*this, it->second, std::move(lock));
     }
 
     boost::asio::awaitable<result<std::uint64_t>> add(const domain::cml_worker& worker)
@@ -45,8 +132,9 @@ public:
             if (workers_.contains(worker.id())) {
                 co_return errc::already_exists;
             }
-            record stored{worker.state(), pending_.end()};
-            stored.state.version = 1;
+            record stored{worker, pending_.end()};
+            stored.worker.take_events();
+            stored.worker.set_version(1);
             index_pending(stored);
             ordered_ids_.insert(worker.id());
             workers_.emplace(worker.id(), std::move(stored));
@@ -65,19 +153,17 @@ public:
                 co_return errc::not_found;
             }
             auto& stored = it->second;
-            if (stored.state.version != worker.version()) {
+            if (stored.worker.version() != worker.version()) {
                 co_return errc::version_conflict;
             }
-            // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
-            // an allocation and a tree search.
-            const bool reindex = pending_key_of(stored.state) != pending_key_of(worker.state());
+            const bool reindex = pending_key_of(stored.worker) != pending_key_of(worker);
             if (reindex) {
                 unindex_pending(stored);
             }
             // Assigning the fields reuses the stored strings' buffers and leaves the events behind.
-            stored.state = worker.state();
+            stored.worker.assign_state(worker);
             version = worker.version() + 1;
-            stored.state.version = version;
+            stored.worker.set_version(version);
             if (reindex) {
                 index_pending(stored);
             }
@@ -91,7 +177,7 @@ public:
         std::vector<domain::cml_worker> page;
         std::lock_guard lock(mutex_);
         for (auto it = ordered_ids_.upper_bound(after_id); it != ordered_ids_.end() && page.size() < limit; ++it) {
-            page.push_back(restore(workers_.find(*it)->second.state));
+            page.push_back(workers_.find(*it)->second.worker);
         }
         co_return page;
     }
@@ -103,7 +189,7 @@ public:
         // Reserved, because growing a page of 100,000 workers would move each of them twice on average.
         page.reserve(std::min(limit, pending_.size()));
         for (auto it = pending_.begin(); it != pending_.end() && page.size() < limit; ++it) {
-            page.push_back(restore(workers_.find(std::get<1>(*it))->second.state));
+            page.push_back(workers_.find(std::get<1>(*it))->second.worker);
         }
         co_return page;
     }
@@ -135,28 +221,33 @@ private:
 
     // The key of a worker in `pending_`, or nothing without a pending operation. It refers to
     // the worker's id, so that comparing keys copies no string.
-    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_worker::fields& worker)
+    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_license& license,
+                                                                                 std::string_view id)
     {
-        const auto& license = worker.license;
         if (!license.has_pending_operation()) {
             return std::nullopt;
         }
-        return std::tuple<timestamp, std::string_view>{license.requested_at().value_or(timestamp{}), worker.id};
+        return std::tuple<timestamp, std::string_view>{license.requested_at().value_or(timestamp{}), id};
+    }
+
+    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_worker& worker)
+    {
+        return pending_key_of(worker.license(), worker.id());
     }
 
     using pending_set = std::set<pending_key, std::less<>>;
 
-    // A stored worker and its entry in `pending_`, or `pending_.end()` when no operation is
-    // pending. Keeping the entry saves a tree search when the operation finishes, which
-    // with 100,000 pending workers is a chain of cache misses.
+    // A stored worker, without events, and its entry in `pending_`, or `pending_.end()` when no
+    // operation is pending. Keeping the entry saves a tree search when the operation finishes,
+    // which with 100,000 pending workers is a chain of cache misses.
     struct record {
-        domain::cml_worker::fields state;
+        domain::cml_worker worker;
         pending_set::iterator pending;
     };
 
     void index_pending(record& stored)
     {
-        if (const auto key = pending_key_of(stored.state)) {
+        if (const auto key = pending_key_of(stored.worker)) {
             stored.pending = pending_.emplace(std::get<0>(*key), std::string(std::get<1>(*key))).first;
         }
     }
@@ -167,12 +258,6 @@ private:
             pending_.erase(stored.pending);
             stored.pending = pending_.end();
         }
-    }
-
-    // Stored fields satisfy the aggregate's invariants, because they were saved from a worker.
-    static domain::cml_worker restore(const domain::cml_worker::fields& stored)
-    {
-        return domain::cml_worker::restore(stored).value();
     }
 
     struct string_hash {
@@ -188,6 +273,6 @@ private:
     change_notifier notifier_;
 };
 
-static_assert(application::worker_repository<memory_repository>);
+static_assert(application::lending_worker_repository<memory_repository>);
 
 } // namespace lcm::storage
