@@ -128,6 +128,12 @@ run_result run_once(std::size_t worker_count, std::size_t concurrency)
     result.rss_with_workers = with_workers.rss;
     result.heap_with_workers = with_workers.heap_in_use;
 
+    // The fake CML hosts exist before the controller calls them, as real ones do. They are
+    // created after the memory sample, which counts lcm's memory per worker only.
+    for (std::size_t i = 0; i < worker_count; ++i) {
+        cml.instance("worker-" + std::to_string(i));
+    }
+
     lcm::controller::license_controller_options options;
     options.watch_changes = false;
     options.license.list_limit = worker_count;

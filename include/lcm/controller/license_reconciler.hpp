@@ -113,8 +113,12 @@ inline domain::registration_details registration_details_of(const cml_licensing_
     for (const auto& feature : status.features) {
         details.features.push_back({feature.id, feature.name, feature.version, feature.status, feature.in_use});
     }
-    details.cml_info = boost::json::object{{"product_license", status.product_license},
-                                           {"is_enterprise", status.is_enterprise}};
+    // Reserved and filled, because the initializer-list constructor allocates the table twice.
+    boost::json::object info;
+    info.reserve(2);
+    info.emplace("product_license", status.product_license);
+    info.emplace("is_enterprise", status.is_enterprise);
+    details.cml_info = std::move(info);
     return details;
 }
 
