@@ -185,35 +185,10 @@ public:
                          Project project = {})
         -> boost::asio::awaitable<result<std::invoke_result_t<Project&, const claim_view&>>>
     {
-        std::optional<std::invoke_result_t<Project&, const claim_view&>> held_elsewhere;
-        timestamp decided_at{};
-        auto claim = [&](domain::cml_worker& worker) -> result<void> {
-            decided_at = options_.clock();
-            auto fence = worker.claim_license_operation(holder, lease, decided_at);
-            if (!fence) {
-                if (fence.error() == errc::claimed) {
-                    held_elsewhere.emplace(project(claim_view{worker, false, decided_at}));
-                }
-                return fence.error();
-            }
-            return success();
-        };
-        auto granted = [&](const domain::cml_worker& worker) {
-            if (log_.enabled(log_level::debug)) {
-                const auto& license = worker.license();
-                log_.debug("license operation claimed", {{"worker_id", worker.id()},
-                                                         {"operation_id", std::to_string(license.operation_id())},
-                                                         {"holder", holder},
-                                                         {"fence", std::to_string(license.fence())},
-                                                         {"expires_at", format_timestamp(*license.claim_expires_at())}});
-            }
-            return project(claim_view{worker, true, decided_at});
-        };
-        auto claimed = co_await mutate(std::move(worker_id), claim, granted);
-        if (!claimed && held_elsewhere) {
-            co_return std::move(*held_elsewhere);
-        }
-        co_return claimed;
+        // Returns mutate's awaitable without a coroutine frame of its own: the change and the
+        // projection carry everything by value.
+        return mutate(std::move(worker_id), claim_change{std::move(holder), lease, &options_.clock},
+                      claim_projection<Project>{this, std::move(project)});
     }
 
     /// Marks an operation as started, before a worker-controller first calls CML. `key`
@@ -276,13 +251,68 @@ public:
     }
 
 private:
+    /// The change of `claim_operation`. A claim that another controller holds is not an error:
+    /// it changes nothing, and the projection answers with that claim.
+    struct claim_change {
+        std::string holder;
+        std::chrono::milliseconds lease;
+        const std::function<timestamp()>* clock;
+        timestamp decided_at{};
+        bool granted = false;
+
+        result<void> operator()(domain::cml_worker& worker)
+        {
+            decided_at = (*clock)();
+            auto fence = worker.claim_license_operation(holder, lease, decided_at);
+            granted = fence.has_value();
+            if (!fence && fence.error() != errc::claimed) {
+                return fence.error();
+            }
+            return success();
+        }
+    };
+
+    template <class Project>
+    struct claim_projection {
+        control_plane* plane;
+        Project project;
+
+        auto operator()(const domain::cml_worker& worker, const claim_change& change)
+        {
+            if (change.granted) {
+                plane->log_claim(worker, change.holder);
+            }
+            return project(claim_view{worker, change.granted, change.decided_at});
+        }
+    };
+
+    /// The type a projection makes of the saved worker. A projection may also take the change,
+    /// to answer with what the change found out.
+    template <class Project, class Change>
+    using projected_t = std::conditional_t<std::is_invocable_v<Project&, const domain::cml_worker&, Change&>,
+                                           std::invoke_result<Project&, const domain::cml_worker&, Change&>,
+                                           std::invoke_result<Project&, const domain::cml_worker&>>;
+
     /// The result of `mutate`: the change's own result, or for a change that returns
     /// `result<void>`, the projection of the saved worker (`result<void>` when it returns nothing).
     template <class Change, class Project>
     using mutate_result =
         std::conditional_t<std::is_same_v<std::invoke_result_t<Change&, domain::cml_worker&>, result<void>>,
-                           result<std::invoke_result_t<Project&, const domain::cml_worker&>>,
+                           result<typename projected_t<Project, Change>::type>,
                            std::invoke_result_t<Change&, domain::cml_worker&>>;
+
+    void log_claim(const domain::cml_worker& worker, const std::string& holder)
+    {
+        if (!log_.enabled(log_level::debug)) {
+            return;
+        }
+        const auto& license = worker.license();
+        log_.debug("license operation claimed", {{"worker_id", worker.id()},
+                                                 {"operation_id", std::to_string(license.operation_id())},
+                                                 {"holder", holder},
+                                                 {"fence", std::to_string(license.fence())},
+                                                 {"expires_at", format_timestamp(*license.claim_expires_at())}});
+    }
 
     /// Logs nothing about a command's end.
     struct no_log {
@@ -343,7 +373,7 @@ private:
                 if (loan.value().changed()) {
                     events = loan.value().save();
                 }
-                answer.emplace(answer_of<mutate_result<Change, Project>>(outcome, project, std::as_const(worker)));
+                answer.emplace(answer_of<mutate_result<Change, Project>>(outcome, project, change, std::as_const(worker)));
             }
             // The loan has ended, so the sink runs without the repository's lock.
             log(worker_id, nullptr);
@@ -368,7 +398,7 @@ private:
                 }
                 if (worker.events().empty() && worker.changeable() == before) {
                     log(worker_id, nullptr);
-                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, std::move(worker));
+                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::move(worker));
                 }
 
                 auto saved = co_await repository_.update(worker);
@@ -377,7 +407,7 @@ private:
                     auto events = worker.take_events();
                     log(worker_id, nullptr);
                     co_await sink_.publish(std::move(events));
-                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, std::move(worker));
+                    co_return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::move(worker));
                 }
                 if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {
                     log_.warning("saving worker failed",
@@ -394,13 +424,22 @@ private:
     /// Makes mutate's answer from a change's successful `outcome`: the outcome itself, or the
     /// projection of the saved worker for a change that returns `result<void>`.
     /// The worker is moved into the projection when it is the command's own copy.
-    template <class Answer, class Outcome, class Project, class Worker>
-    static Answer answer_of(Outcome& outcome, Project& project, Worker&& worker)
+    template <class Answer, class Outcome, class Project, class Change, class Worker>
+    static Answer answer_of(Outcome& outcome, Project& project, Change& change, Worker&& worker)
     {
         if constexpr (!std::is_same_v<Outcome, result<void>>) {
             return std::move(outcome);
         }
-        else if constexpr (std::is_void_v<std::invoke_result_t<Project&, const domain::cml_worker&>>) {
+        else if constexpr (std::is_invocable_v<Project&, const domain::cml_worker&, Change&>) {
+            if constexpr (std::is_void_v<typename projected_t<Project, Change>::type>) {
+                project(worker, change);
+                return success();
+            }
+            else {
+                return project(worker, change);
+            }
+        }
+        else if constexpr (std::is_void_v<typename projected_t<Project, Change>::type>) {
             project(std::forward<Worker>(worker));
             return success();
         }

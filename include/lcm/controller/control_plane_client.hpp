@@ -149,6 +149,9 @@ inline license_claim claim_of(const application::operation_claim& decision)
 ///   applied step.
 /// - `change_sequence()` and `wait_for_change(after)`: a feed that wakes the controller when
 ///   intents change, so that it need not poll.
+///
+/// A client may also offer `list_pending_keys(limit)`: the worker ids of `list_pending`, which
+/// a controller that only enqueues them reads through `list_pending_keys(client, limit)`.
 template <class C>
 concept control_plane_client = requires(C& client, std::string_view worker_id, std::uint64_t sequence,
                                         domain::operation_key key, std::size_t limit,
@@ -169,6 +172,27 @@ concept control_plane_client = requires(C& client, std::string_view worker_id, s
     { client.wait_for_change(sequence) } -> std::same_as<boost::asio::awaitable<result<std::uint64_t>>>;
 };
 
+/// Returns the ids of up to `limit` workers with a pending operation, oldest request first:
+/// from `client.list_pending_keys` when the client offers it, from `list_pending` otherwise.
+template <control_plane_client C>
+boost::asio::awaitable<result<std::vector<std::string>>> list_pending_keys(C& client, std::size_t limit)
+{
+    if constexpr (requires {
+                      { client.list_pending_keys(limit) } -> std::same_as<boost::asio::awaitable<result<std::vector<std::string>>>>;
+                  }) {
+        co_return co_await client.list_pending_keys(limit);
+    }
+    else {
+        BOOST_OUTCOME_CO_TRY(auto tasks, co_await client.list_pending(limit));
+        std::vector<std::string> keys;
+        keys.reserve(tasks.size());
+        for (auto& task : tasks) {
+            keys.push_back(std::move(task.worker_id));
+        }
+        co_return keys;
+    }
+}
+
 /// A `control_plane_client` that calls the command handlers in the same process, for
 /// single-process deployments, tests and benchmarks. Thread safety and cancellation are
 /// those of the control plane's repository.
@@ -188,6 +212,28 @@ public:
             }
         }
         co_return tasks;
+    }
+
+    /// Lists the ids of `list_pending` without building tasks, and with a repository that
+    /// offers `list_pending_ids`, without copying the workers.
+    boost::asio::awaitable<result<std::vector<std::string>>> list_pending_keys(std::size_t limit)
+    {
+        if constexpr (requires(Repository& repository) {
+                          {
+                              repository.list_pending_ids(limit)
+                          } -> std::same_as<boost::asio::awaitable<result<std::vector<std::string>>>>;
+                      }) {
+            co_return co_await plane_.repository().list_pending_ids(limit);
+        }
+        else {
+            BOOST_OUTCOME_CO_TRY(auto workers, co_await plane_.repository().list_pending(limit));
+            std::vector<std::string> ids;
+            ids.reserve(workers.size());
+            for (auto& worker : workers) {
+                ids.push_back(std::move(worker).release_state().id);
+            }
+            co_return ids;
+        }
     }
 
     boost::asio::awaitable<result<std::optional<license_task>>> get_task(std::string_view worker_id)

@@ -173,13 +173,7 @@ public:
 
     boost::asio::awaitable<result<std::vector<std::string>>> list_keys()
     {
-        BOOST_OUTCOME_CO_TRY(auto tasks, co_await control_plane_->list_pending(options_.list_limit));
-        std::vector<std::string> keys;
-        keys.reserve(tasks.size());
-        for (auto& task : tasks) {
-            keys.push_back(std::move(task.worker_id));
-        }
-        co_return keys;
+        return list_pending_keys(*control_plane_, options_.list_limit);
     }
 
     /// Claims the worker's pending operation, or renews this controller's claim, and returns
@@ -583,14 +577,14 @@ private:
             result<std::uint64_t> next = have_sequence ? co_await control_plane_.wait_for_change(seen)
                                                        : co_await control_plane_.change_sequence();
             if (next && have_sequence) {
-                auto tasks = co_await control_plane_.list_pending(options_.license.list_limit);
-                if (tasks) {
-                    for (auto& task : tasks.value()) {
-                        reconciler_.enqueue(std::move(task.worker_id));
+                auto keys = co_await list_pending_keys(control_plane_, options_.license.list_limit);
+                if (keys) {
+                    for (auto& key : keys.value()) {
+                        reconciler_.enqueue(std::move(key));
                     }
                 }
                 else {
-                    next = tasks.error();
+                    next = keys.error();
                 }
             }
             if (next) {

@@ -194,6 +194,19 @@ public:
         co_return page;
     }
 
+    /// Returns the ids of up to `limit` workers with a pending license operation, in the order
+    /// of `list_pending`, without copying the workers.
+    boost::asio::awaitable<result<std::vector<std::string>>> list_pending_ids(std::size_t limit)
+    {
+        std::vector<std::string> ids;
+        std::lock_guard lock(mutex_);
+        ids.reserve(std::min(limit, pending_.size()));
+        for (auto it = pending_.begin(); it != pending_.end() && ids.size() < limit; ++it) {
+            ids.push_back(std::get<1>(*it));
+        }
+        co_return ids;
+    }
+
     std::uint64_t change_sequence() const { return notifier_.sequence(); }
 
     boost::asio::awaitable<result<std::uint64_t>> wait_for_change(std::uint64_t after)
