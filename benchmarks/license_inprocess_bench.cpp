@@ -46,7 +46,8 @@ struct finish_counter {
     std::size_t expected = 0;
     std::function<void()> on_all_finished;
 
-    asio::awaitable<void> publish(std::vector<lcm::domain::domain_event> events)
+    // Returns void: the sink does no I/O, so the control plane calls it without a coroutine frame.
+    void publish(std::vector<lcm::domain::domain_event> events)
     {
         for (const auto& event : events) {
             const bool done = std::holds_alternative<lcm::domain::license_registration_completed>(event);
@@ -60,7 +61,6 @@ struct finish_counter {
                 on_all_finished();
             }
         }
-        co_return;
     }
 };
 

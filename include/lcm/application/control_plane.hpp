@@ -125,7 +125,12 @@ public:
         BOOST_OUTCOME_CO_TRY(auto version, co_await repository_.add(worker));
         worker.set_version(version);
         log_.info("worker added", {{"worker_id", worker.id()}, {"status", std::string(to_string(worker.status()))}});
-        co_await sink_.publish(worker.take_events());
+        if constexpr (publishes_at_once<Sink>) {
+            sink_.publish(worker.take_events());
+        }
+        else {
+            co_await sink_.publish(worker.take_events());
+        }
         co_return worker;
     }
 
@@ -378,7 +383,12 @@ private:
             // The loan has ended, so the sink runs without the repository's lock.
             log(worker_id, nullptr);
             if (!events.empty()) {
-                co_await sink_.publish(std::move(events));
+                if constexpr (publishes_at_once<Sink>) {
+                    sink_.publish(std::move(events));
+                }
+                else {
+                    co_await sink_.publish(std::move(events));
+                }
             }
             co_return std::move(*answer);
         }
@@ -406,7 +416,12 @@ private:
                     worker.set_version(saved.value());
                     auto events = worker.take_events();
                     log(worker_id, nullptr);
-                    co_await sink_.publish(std::move(events));
+                    if constexpr (publishes_at_once<Sink>) {
+                        sink_.publish(std::move(events));
+                    }
+                    else {
+                        co_await sink_.publish(std::move(events));
+                    }
                     co_return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::move(worker));
                 }
                 if (saved.error() != errc::version_conflict || attempt >= options_.max_attempts) {

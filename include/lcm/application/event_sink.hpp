@@ -7,6 +7,8 @@
 
 #include <concepts>
 #include <mutex>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace lcm::application {
@@ -15,13 +17,22 @@ namespace lcm::application {
 /// `publish` is awaited before the command returns; an exception from it propagates to the
 /// caller, but the change stays saved. Implementations must be safe to call concurrently.
 ///
+/// `publish` returns `awaitable<void>`, or `void` for a sink that does no I/O: the command
+/// then calls it directly, which saves a coroutine frame per command.
+///
 /// NOTE: two saves of one worker publish independently, so a slow `publish` of the first
 /// can arrive after the second. Consumers that need the order sort a worker's events by
 /// operation id and step; a transactional outbox would remove the gap.
 template <class S>
 concept event_sink = requires(S& sink, std::vector<domain::domain_event> events) {
-    { sink.publish(std::move(events)) } -> std::same_as<boost::asio::awaitable<void>>;
+    requires std::same_as<decltype(sink.publish(std::move(events))), boost::asio::awaitable<void>> ||
+                 std::same_as<decltype(sink.publish(std::move(events))), void>;
 };
+
+/// Whether `S::publish` completes at once and returns `void`.
+template <class S>
+inline constexpr bool publishes_at_once =
+    std::is_void_v<decltype(std::declval<S&>().publish(std::declval<std::vector<domain::domain_event>>()))>;
 
 /// Drops every event.
 struct null_event_sink {

@@ -33,6 +33,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -97,21 +98,33 @@ struct license_observation {
     std::optional<std::chrono::milliseconds> claimed_elsewhere_for;
 };
 
-/// Converts what CML reported for a completed registration into the domain's details.
-/// CML's failure text is left out, because it may quote an older token.
-inline domain::registration_details registration_details_of(const cml_licensing_status& status)
+namespace detail {
+
+// Copies from a status that is read again later, moves from one that is about to go.
+template <class Status>
+domain::registration_details registration_details_of(Status&& status)
 {
+    constexpr bool owned = !std::is_lvalue_reference_v<Status>;
+    auto pass = [](auto& field) -> decltype(auto) {
+        if constexpr (owned) {
+            return std::move(field);
+        }
+        else {
+            return std::as_const(field);
+        }
+    };
     domain::registration_details details;
     details.registration_status = std::string(to_string(status.registration_status));
-    details.smart_account = status.smart_account.value_or(std::string());
-    details.virtual_account = status.virtual_account.value_or(std::string());
+    details.smart_account = pass(status.smart_account).value_or(std::string());
+    details.virtual_account = pass(status.virtual_account).value_or(std::string());
     details.expiry_date = status.registration_expires;
     details.authorization_status = status.authorization_status == cml_authorization_status::unknown
-                                       ? status.authorization_status_text
+                                       ? std::string(pass(status.authorization_status_text))
                                        : std::string(to_string(status.authorization_status));
     details.features.reserve(status.features.size());
-    for (const auto& feature : status.features) {
-        details.features.push_back({feature.id, feature.name, feature.version, feature.status, feature.in_use});
+    for (auto& feature : status.features) {
+        details.features.push_back(
+            {pass(feature.id), pass(feature.name), pass(feature.version), pass(feature.status), feature.in_use});
     }
     // Reserved and filled, because the initializer-list constructor allocates the table twice.
     boost::json::object info;
@@ -120,6 +133,22 @@ inline domain::registration_details registration_details_of(const cml_licensing_
     info.emplace("is_enterprise", status.is_enterprise);
     details.cml_info = std::move(info);
     return details;
+}
+
+} // namespace detail
+
+/// Converts what CML reported for a completed registration into the domain's details.
+/// CML's failure text is left out, because it may quote an older token.
+inline domain::registration_details registration_details_of(const cml_licensing_status& status)
+{
+    return detail::registration_details_of(status);
+}
+
+/// Like `registration_details_of(const cml_licensing_status&)`, but moves the strings out of
+/// `status`.
+inline domain::registration_details registration_details_of(cml_licensing_status&& status)
+{
+    return detail::registration_details_of(std::move(status));
 }
 
 /// The reconcile handler for license operations, keyed by worker id. Spec is the worker's
@@ -276,7 +305,9 @@ public:
             case license_action::complete_registration: {
                 // The common end of an operation, reported here rather than through report(),
                 // which would cost a coroutine frame per operation.
-                auto details = registration_details_of(*status);
+                // A status read again in this reconcile is its own copy, whose strings can move.
+                auto details = reread_status ? registration_details_of(std::move(*reread_status))
+                                             : registration_details_of(*status);
                 const auto key = task.key();
                 auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
                 co_return after_report(task, reported, "license registration completed");
