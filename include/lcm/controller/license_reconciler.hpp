@@ -213,44 +213,21 @@ public:
         // until this instant plus the remaining time it reports.
         const auto requested_at = std::chrono::steady_clock::now();
         auto claim = co_await control_plane_->claim(worker_id, options_.controller_id, options_.lease);
-        if (!claim && claim.error() == errc::not_found) {
-            co_return std::optional<license_task>();
-        }
-        if (!claim) {
-            co_return claim.error();
-        }
-        if (claim.value().task) {
-            auto& task = *claim.value().task;
-            task.claim_deadline = requested_at + task.claim_remaining;
-            co_return std::move(claim.value().task);
-        }
-        license_task held;
-        held.worker_id = worker_id;
-        held.claim_holder = std::move(claim.value().holder);
-        held.claim_expires_at = claim.value().expires_at;
-        held.claim_remaining = claim.value().remaining;
-        co_return std::optional<license_task>(std::move(held));
+        co_return spec_of(worker_id, std::move(claim), requested_at);
     }
 
-    boost::asio::awaitable<result<license_observation>> read_status(const std::string&, const license_task& task)
+    /// Borrows `task.cml_url` for the call and puts it back, so that the URL is not copied.
+    boost::asio::awaitable<result<license_observation>> read_status(const std::string&, license_task& task)
     {
-        if (task.claim_holder != options_.controller_id) {
-            co_return license_observation{std::nullopt, std::nullopt, task.claim_remaining};
+        // The decision depends only on the task and the time, so both calls agree.
+        const auto now = options_.wall_clock();
+        if (task.claim_holder != options_.controller_id || decide_before_cml(task, now, options_.decision)) {
+            co_return observation_without_cml(task, now);
         }
-        if (auto verdict = decide_before_cml(task, options_.wall_clock(), options_.decision)) {
-            co_return license_observation{std::nullopt, std::move(verdict), std::nullopt};
-        }
-        const cml_endpoint endpoint{task.cml_url};
+        cml_endpoint endpoint{std::move(task.cml_url)};
         auto status = co_await cml_->get_licensing_status(endpoint);
-        if (status) {
-            co_return license_observation{std::move(status).value(), std::nullopt, std::nullopt};
-        }
-        if (is_transient_cml_error(status.error())) {
-            log_cml_error(task, cml_call::get_licensing_status, status.error());
-            co_return status.error();
-        }
-        co_return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status),
-                                      std::nullopt};
+        task.cml_url = std::move(endpoint.base_url);
+        co_return observation_of(task, std::move(status));
     }
 
     /// Records progress (`started`, `started_at`) in `task`, the reconciler's own copy, and
@@ -362,6 +339,55 @@ public:
     }
 
 private:
+    /// Builds `read_spec`'s answer from the claim. A helper rather than code in `read_spec`,
+    /// because every local of a coroutine takes room in its frame, and a frame over 1 KiB misses
+    /// the allocation caches of Asio and glibc.
+    static result<std::optional<license_task>> spec_of(const std::string& worker_id, result<license_claim>&& claim,
+                                                       std::chrono::steady_clock::time_point requested_at)
+    {
+        if (!claim && claim.error() == errc::not_found) {
+            return std::optional<license_task>();
+        }
+        if (!claim) {
+            return claim.error();
+        }
+        if (claim.value().task) {
+            auto& task = *claim.value().task;
+            task.claim_deadline = requested_at + task.claim_remaining;
+            return std::move(claim.value().task);
+        }
+        license_task held;
+        held.worker_id = worker_id;
+        held.claim_holder = std::move(claim.value().holder);
+        held.claim_expires_at = claim.value().expires_at;
+        held.claim_remaining = claim.value().remaining;
+        return std::optional<license_task>(std::move(held));
+    }
+
+    /// Builds `read_status`'s answer when CML need not be read: another controller holds the
+    /// claim, or a decision needs no status. A helper for the reason `spec_of` is.
+    result<license_observation> observation_without_cml(const license_task& task, timestamp now) const
+    {
+        if (task.claim_holder != options_.controller_id) {
+            return license_observation{std::nullopt, std::nullopt, task.claim_remaining};
+        }
+        return license_observation{std::nullopt, decide_before_cml(task, now, options_.decision), std::nullopt};
+    }
+
+    /// Builds `read_status`'s answer from CML's reply; a helper for the reason `spec_of` is.
+    result<license_observation> observation_of(const license_task& task, result<cml_licensing_status>&& status) const
+    {
+        if (status) {
+            return license_observation{std::move(status).value(), std::nullopt, std::nullopt};
+        }
+        if (is_transient_cml_error(status.error())) {
+            log_cml_error(task, cml_call::get_licensing_status, status.error());
+            return status.error();
+        }
+        return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status),
+                                   std::nullopt};
+    }
+
     license_decision decide(const license_task& task, const cml_licensing_status& status) const
     {
         if (task.operation == domain::license_operation::deregistration) {

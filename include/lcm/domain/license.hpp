@@ -175,8 +175,9 @@ struct operation_key {
     friend bool operator==(const operation_key&, const operation_key&) = default;
 };
 
-/// The CMLLicense value object. Instances never change: every transition of the worker
-/// aggregate builds a new one, so a copy handed out stays a consistent snapshot.
+/// The CMLLicense value object. Copies share its fields, and a copy handed out stays a
+/// consistent snapshot: the worker aggregate changes the fields in place only while no other
+/// copy shares them, and otherwise gives its own license a changed copy of them.
 class cml_license {
 public:
     /// Every field of the value object, for repositories and codecs that rebuild it.
@@ -274,8 +275,8 @@ private:
         return empty;
     }
 
-    // Copies share the fields: the value never changes, so a copied worker costs one
-    // reference count instead of copying tokens, features and CML's info.
+    // Copies share the fields, so a copied worker costs one reference count instead of copying
+    // tokens, features and CML's info. `cml_worker::edit_license` keeps the sharing invisible.
     std::shared_ptr<const fields> state_;
 };
 

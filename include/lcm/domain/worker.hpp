@@ -10,6 +10,7 @@
 
 #include <boost/url/parse.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -94,17 +95,6 @@ public:
         friend bool operator==(const fields&, const fields&) = default;
     };
 
-    /// The fields that the aggregate's methods change. The id, name, URL and creation time
-    /// are set only by `create` and `restore`, and the version only by `set_version`.
-    struct changeable_state {
-        worker_status status = worker_status::pending;
-        worker_status desired_status = worker_status::running;
-        cml_license license;
-        timestamp updated_at{};
-
-        friend bool operator==(const changeable_state&, const changeable_state&) = default;
-    };
-
     /// Creates a new, unsaved worker and records `worker_created`.
     /// Fails with `errc::invalid_argument` on a malformed id, name or URL.
     static result<cml_worker> create(std::string id, std::string name, std::string cml_url, worker_status status,
@@ -155,9 +145,9 @@ public:
     timestamp created_at() const noexcept { return state_.created_at; }
     timestamp updated_at() const noexcept { return state_.updated_at; }
 
-    /// Returns the fields that methods other than `set_version` can change. Comparing two
-    /// of them shows whether a method changed the worker, without copying its strings.
-    changeable_state changeable() const { return {state_.status, state_.desired_status, state_.license, state_.updated_at}; }
+    /// Returns a counter that grows with every change of the state, so that comparing two of its
+    /// values shows whether a method changed the worker in between. It is not stored.
+    std::uint64_t revision() const noexcept { return revision_; }
 
     /// Returns the events recorded since the worker was created or restored.
     const std::vector<domain_event>& events() const noexcept { return events_; }
@@ -172,18 +162,6 @@ public:
     /// this to store a worker they saved.
     void assign_state(const cml_worker& saved) { state_ = saved.state_; }
 
-    /// Puts back the fields that `changeable()` returned and drops the events recorded since.
-    /// Repositories that lend a stored worker for a change in place call this to undo a change
-    /// they do not keep.
-    void revert(changeable_state saved) noexcept
-    {
-        state_.status = saved.status;
-        state_.desired_status = saved.desired_status;
-        state_.license = std::move(saved.license);
-        state_.updated_at = saved.updated_at;
-        events_.clear();
-    }
-
     /// Compares the state and ignores uncommitted events.
     friend bool operator==(const cml_worker& lhs, const cml_worker& rhs) noexcept { return lhs.state_ == rhs.state_; }
 
@@ -194,10 +172,11 @@ public:
         if (status == state_.status) {
             return;
         }
-        const auto previous = state_.status;
+        worker_status_changed event{{state_.id, 0, now, std::string(initiated_by)}, state_.status, status};
+        events_.reserve(events_.size() + 1);
         state_.status = status;
-        state_.updated_at = now;
-        events_.push_back(worker_status_changed{{state_.id, 0, now, std::string(initiated_by)}, previous, status});
+        touch(now);
+        events_.push_back(std::move(event));
     }
 
     /// Records the intent to register `token` on this worker and returns the operation id.
@@ -227,12 +206,16 @@ public:
             return errc::already_registered;
         }
 
-        auto next = begin_operation(license_operation::registration, initiated_by, now);
+        std::string requested_by(initiated_by);
+        license_registration_requested event{{state_.id, license.operation_id + 1, now, requested_by}, reregister};
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        begin_operation(next, license_operation::registration, std::move(requested_by), now);
         next.pending_token = std::move(token);
         next.reregister = reregister;
-        commit(std::move(next), now);
-        events_.push_back(license_registration_requested{header(now), reregister});
-        return state_.license.operation_id();
+        touch(now);
+        events_.push_back(std::move(event));
+        return next.operation_id;
     }
 
     /// Records the intent to deregister this worker's license and returns the operation id.
@@ -256,9 +239,14 @@ public:
             return errc::not_registered;
         }
 
-        commit(begin_operation(license_operation::deregistration, initiated_by, now), now);
-        events_.push_back(license_deregistration_requested{header(now)});
-        return state_.license.operation_id();
+        std::string requested_by(initiated_by);
+        license_deregistration_requested event{{state_.id, license.operation_id + 1, now, requested_by}};
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        begin_operation(next, license_operation::deregistration, std::move(requested_by), now);
+        touch(now);
+        events_.push_back(std::move(event));
+        return next.operation_id;
     }
 
     /// Claims the pending operation for `holder` until `now + lease` and returns the claim's fence.
@@ -287,22 +275,24 @@ public:
             if (*license.claim_expires_at - now >= lease / 2) {
                 return license.fence;
             }
-            auto next = license;
-            next.claim_expires_at = expires_at;
-            commit(std::move(next), now);
+            edit_license().claim_expires_at = expires_at;
+            touch(now);
             return state_.license.fence();
         }
         if (!license.claim_holder.empty() && *license.claim_expires_at > now) {
             return errc::claimed;
         }
 
-        auto next = license;
-        next.claim_holder = std::string(holder);
+        const auto fence = license.fence + 1;
+        std::string new_holder(holder);
+        license_operation_claimed event{header(now), new_holder, fence, expires_at};
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        next.claim_holder = std::move(new_holder);
         next.claim_expires_at = expires_at;
-        next.fence += 1;
-        const auto fence = next.fence;
-        commit(std::move(next), now);
-        events_.push_back(license_operation_claimed{header(now), std::string(holder), fence, expires_at});
+        next.fence = fence;
+        touch(now);
+        events_.push_back(std::move(event));
         return fence;
     }
 
@@ -325,19 +315,17 @@ public:
             return errc::worker_not_running;
         }
 
-        auto next = license;
+        const auto attempt = license.attempts + 1;
+        domain_event event = license.pending_operation == license_operation::registration
+                                 ? domain_event(license_registration_started{header(now), attempt})
+                                 : domain_event(license_deregistration_started{header(now), attempt});
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
         next.operation_in_progress = true;
         next.started_at = now;
-        next.attempts += 1;
-        const auto kind = next.pending_operation;
-        const auto attempt = next.attempts;
-        commit(std::move(next), now);
-        if (kind == license_operation::registration) {
-            events_.push_back(license_registration_started{header(now), attempt});
-        }
-        else {
-            events_.push_back(license_deregistration_started{header(now), attempt});
-        }
+        next.attempts = attempt;
+        touch(now);
+        events_.push_back(std::move(event));
         return success();
     }
 
@@ -353,7 +341,15 @@ public:
             return success();
         }
 
-        auto next = finish_operation(operation_outcome::completed, now);
+        license_registration_completed event{header(now), details.expiry_date, details.smart_account,
+                                             details.virtual_account, details.authorization_status, {}};
+        event.features.reserve(details.features.size());
+        for (const auto& feature : details.features) {
+            event.features.push_back(feature.name);
+        }
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        finish_operation(next, operation_outcome::completed, now);
         next.status = license_status::registered;
         next.token = std::exchange(next.pending_token, std::nullopt);
         next.expiry_date = details.expiry_date;
@@ -362,14 +358,7 @@ public:
         next.authorization_status = std::move(details.authorization_status);
         next.features = std::move(details.features);
         next.cml_info = std::move(details.cml_info);
-
-        license_registration_completed event{header(now), next.expiry_date, next.smart_account,
-                                             next.virtual_account, next.authorization_status, {}};
-        event.features.reserve(next.features.size());
-        for (const auto& feature : next.features) {
-            event.features.push_back(feature.name);
-        }
-        commit(std::move(next), now);
+        touch(now);
         events_.push_back(std::move(event));
         return success();
     }
@@ -397,10 +386,13 @@ public:
             return success();
         }
 
-        auto next = finish_operation(operation_outcome::completed, now);
         if (warning) {
-            detail::redact_in_place(*warning, next.token);
+            detail::redact_in_place(*warning, state_.license.token());
         }
+        license_deregistration_completed event{header(now), warning};
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        finish_operation(next, operation_outcome::completed, now);
         next.status = license_status::unregistered;
         next.token.reset();
         next.expiry_date.reset();
@@ -409,9 +401,9 @@ public:
         next.authorization_status.clear();
         next.features.clear();
         next.cml_info = nullptr;
-        next.last_warning = warning;
-        commit(std::move(next), now);
-        events_.push_back(license_deregistration_completed{header(now), std::move(warning)});
+        next.last_warning = std::move(warning);
+        touch(now);
+        events_.push_back(std::move(event));
         return success();
     }
 
@@ -460,15 +452,16 @@ private:
         return {state_.id, state_.license.operation_id(), now, state_.license.requested_by()};
     }
 
-    cml_license::fields begin_operation(license_operation kind, std::string_view initiated_by, timestamp now) const
+    /// Sets the fields of a new operation in `next`. Changes nothing that can throw.
+    static void begin_operation(cml_license::fields& next, license_operation kind, std::string&& requested_by,
+                                timestamp now) noexcept
     {
-        auto next = *state_.license.state_;
         next.pending_operation = kind;
         next.pending_token.reset();
         next.reregister = false;
         next.operation_in_progress = false;
         next.operation_id += 1;
-        next.requested_by = std::string(initiated_by);
+        next.requested_by = std::move(requested_by);
         next.requested_at = now;
         next.started_at.reset();
         next.finished_at.reset();
@@ -477,12 +470,11 @@ private:
         next.last_warning.reset();
         next.claim_holder.clear();
         next.claim_expires_at.reset();
-        return next;
     }
 
-    cml_license::fields finish_operation(operation_outcome outcome, timestamp now) const
+    /// Sets the fields of a finished operation in `next`. Changes nothing that can throw.
+    static void finish_operation(cml_license::fields& next, operation_outcome outcome, timestamp now) noexcept
     {
-        auto next = *state_.license.state_;
         next.last_operation = next.pending_operation;
         next.last_outcome = outcome;
         next.pending_operation = license_operation::none;
@@ -492,7 +484,6 @@ private:
         next.last_error.reset();
         next.claim_holder.clear();
         next.claim_expires_at.reset();
-        return next;
     }
 
     bool already_finished(std::uint64_t operation_id, license_operation kind, operation_outcome outcome) const noexcept
@@ -546,38 +537,59 @@ private:
             return success();
         }
 
-        auto next = finish_operation(operation_outcome::failed, now);
+        const auto& license = state_.license.state();
         // The longer token goes first: when one token contains the other, redacting the shorter
         // one first would leave the rest of the longer one in clear text.
-        const auto pending_length = next.pending_token ? next.pending_token->reveal().size() : 0;
-        const auto token_length = next.token ? next.token->reveal().size() : 0;
-        const auto& longer = pending_length >= token_length ? next.pending_token : next.token;
-        const auto& shorter = pending_length >= token_length ? next.token : next.pending_token;
+        const auto pending_length = license.pending_token ? license.pending_token->reveal().size() : 0;
+        const auto token_length = license.token ? license.token->reveal().size() : 0;
+        const auto& longer = pending_length >= token_length ? license.pending_token : license.token;
+        const auto& shorter = pending_length >= token_length ? license.token : license.pending_token;
         detail::redact_in_place(message, longer);
         detail::redact_in_place(message, shorter);
+        operation_error error{std::move(error_code), std::move(message)};
+        domain_event event = kind == license_operation::registration
+                                 ? domain_event(license_registration_failed{header(now), error})
+                                 : domain_event(license_deregistration_failed{header(now), error});
+        events_.reserve(events_.size() + 1);
+        auto& next = edit_license();
+        finish_operation(next, operation_outcome::failed, now);
         next.pending_token.reset();
-        next.last_error = operation_error{std::move(error_code), std::move(message)};
-        auto error = *next.last_error;
-        commit(std::move(next), now);
-        if (kind == license_operation::registration) {
-            events_.push_back(license_registration_failed{header(now), std::move(error)});
-        }
-        else {
-            events_.push_back(license_deregistration_failed{header(now), std::move(error)});
-        }
+        next.last_error = std::move(error);
+        touch(now);
+        events_.push_back(std::move(event));
         return success();
     }
 
-    // Takes an rvalue and builds the shared state in place, so the fields move once instead
-    // of twice on their way into the license.
-    void commit(cml_license::fields&& next, timestamp now)
+    /// Returns the license fields for a transition to change. They are the shared fields
+    /// themselves when this worker holds the only reference to them, and otherwise a copy that
+    /// replaces them first, so that no other copy of the worker ever sees a change. A
+    /// transition prepares everything that can throw (strings, the event, room for it) before
+    /// it calls this, and changes the fields only with operations that cannot throw, so a
+    /// failure leaves the worker as it was.
+    cml_license::fields& edit_license()
     {
-        state_.license.state_ = std::make_shared<const cml_license::fields>(std::move(next));
+        auto& shared = state_.license.state_;
+        if (shared.use_count() == 1) {
+            // The other owners released their references on other threads; their reads of the
+            // fields happen before these writes.
+            std::atomic_thread_fence(std::memory_order_acquire);
+        }
+        else {
+            shared = std::make_shared<const cml_license::fields>(*shared);
+        }
+        return const_cast<cml_license::fields&>(*shared);
+    }
+
+    /// Records a change of the state at `now`.
+    void touch(timestamp now) noexcept
+    {
         state_.updated_at = now;
+        ++revision_;
     }
 
     fields state_;
     std::vector<domain_event> events_;
+    std::uint64_t revision_ = 0;
 };
 
 } // namespace lcm::domain

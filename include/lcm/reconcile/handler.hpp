@@ -62,8 +62,10 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 ///   then done without a reconcile.
 /// - `read_status(key, spec)` returns the observed state.
 /// - `reconcile(key, spec, status)` acts to bring the observed state to the desired one and returns
-///   an `action`. `spec` is the reconciler's own copy, which the reconciler discards afterwards, so
-///   `reconcile` may take it as a non-const reference and change or move from it.
+///   an `action`.
+/// - `spec` is the reconciler's own copy, which it discards after the reconcile, so `read_status`
+///   and `reconcile` may take it as a non-const reference and change it; `reconcile` may move
+///   from it.
 /// - Optionally, `on_terminal_failure(key, failure)` is awaited when a key gives up: after a
 ///   `terminal_error`, or when its retry deadline passed. Without it, the reconciler only logs.
 ///
@@ -76,10 +78,10 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 /// grace period, gets a terminal cancellation through the awaitable's cancellation state.
 template <class H, class Key, class Spec, class Status>
 concept reconcile_handler =
-    requires(H& handler, const Key& key, const Spec& spec, Spec& owned_spec, const Status& status) {
+    requires(H& handler, const Key& key, Spec& owned_spec, const Status& status) {
         { handler.list_keys() } -> std::same_as<boost::asio::awaitable<result<std::vector<Key>>>>;
         { handler.read_spec(key) } -> std::same_as<boost::asio::awaitable<result<std::optional<Spec>>>>;
-        { handler.read_status(key, spec) } -> std::same_as<boost::asio::awaitable<result<Status>>>;
+        { handler.read_status(key, owned_spec) } -> std::same_as<boost::asio::awaitable<result<Status>>>;
         { handler.reconcile(key, owned_spec, status) } -> std::same_as<boost::asio::awaitable<action>>;
     };
 

@@ -35,17 +35,19 @@ class memory_repository {
 
 public:
     /// A stored worker lent for a change in place, with the repository locked until the loan
-    /// ends. `save()` keeps the change under the next version; a loan that ends without it
-    /// puts the worker back as it was, so a change that failed or threw halfway leaves no
-    /// trace. A loan must end before its holder suspends, and its holder must not call the
-    /// repository meanwhile. Nothing may change the worker after `save()`.
+    /// ends. `save()` keeps the change under the next version. A loan must end before its
+    /// holder suspends, and its holder must not call the repository meanwhile. Nothing may
+    /// change the worker after `save()`, and a change that fails or throws must leave it as it
+    /// was, as the aggregate's methods do: a loan that ends without `save()` keeps no copy to
+    /// put back, because copying the worker is the cost it avoids.
     class loan {
     public:
         loan(loan&& other) noexcept
             : repository_(other.repository_),
               record_(std::exchange(other.record_, nullptr)),
               lock_(std::move(other.lock_)),
-              before_(std::move(other.before_)),
+              revision_(other.revision_),
+              pending_before_(other.pending_before_),
               saved_(other.saved_)
         {
         }
@@ -57,9 +59,6 @@ public:
             if (record_ == nullptr) {
                 return;
             }
-            if (!saved_) {
-                record_->worker.revert(std::move(before_));
-            }
             lock_.unlock();
             if (saved_) {
                 repository_->notifier_.notify();
@@ -69,21 +68,26 @@ public:
         domain::cml_worker& worker() noexcept { return record_->worker; }
 
         /// Returns whether the worker recorded an event or changed a field since the loan began.
-        bool changed() const { return !record_->worker.events().empty() || record_->worker.changeable() != before_; }
+        bool changed() const noexcept
+        {
+            return !record_->worker.events().empty() || record_->worker.revision() != revision_;
+        }
 
         /// Keeps the change: stores the worker with the next version, and returns the events it
         /// recorded, which the stored worker does not keep.
         std::vector<domain::domain_event> save()
         {
             auto& stored = *record_;
-            const auto version = stored.worker.version() + 1;
             // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
             // an allocation and a tree search.
-            if (pending_key_of(before_.license, stored.worker.id()) != pending_key_of(stored.worker)) {
+            const auto pending_now = pending_key_of(stored.worker);
+            const bool reindex = pending_now.has_value() != pending_before_.has_value() ||
+                                 (pending_now && std::get<0>(*pending_now) != *pending_before_);
+            if (reindex) {
                 repository_->unindex_pending(stored);
                 repository_->index_pending(stored);
             }
-            stored.worker.set_version(version);
+            stored.worker.set_version(stored.worker.version() + 1);
             saved_ = true;
             return stored.worker.take_events();
         }
@@ -92,14 +96,19 @@ public:
         friend class memory_repository;
 
         loan(memory_repository& repository, record& stored, std::unique_lock<std::mutex> lock)
-            : repository_(&repository), record_(&stored), lock_(std::move(lock)), before_(stored.worker.changeable())
+            : repository_(&repository), record_(&stored), lock_(std::move(lock)), revision_(stored.worker.revision())
         {
+            if (const auto key = pending_key_of(stored.worker)) {
+                pending_before_ = std::get<0>(*key);
+            }
         }
 
         memory_repository* repository_;
         record* record_;
         std::unique_lock<std::mutex> lock_;
-        domain::cml_worker::changeable_state before_;
+        std::uint64_t revision_;
+        // The request time of the pending operation when the loan began; the id never changes.
+        std::optional<timestamp> pending_before_;
         bool saved_ = false;
     };
 

@@ -13,7 +13,7 @@ public:
     virtual ~handler_base() = default;
     virtual boost::asio::awaitable<result<std::vector<Key>>> list_keys() = 0;
     virtual boost::asio::awaitable<result<std::optional<Spec>>> read_spec(const Key& key) = 0;
-    virtual boost::asio::awaitable<result<Status>> read_status(const Key& key, const Spec& spec) = 0;
+    virtual boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) = 0;
     virtual boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, const Status& status) = 0;
     virtual boost::asio::awaitable<void> on_terminal_failure(const Key& key, const terminal_failure& failure) = 0;
 };
@@ -32,7 +32,7 @@ public:
         return handler_.read_spec(key);
     }
 
-    boost::asio::awaitable<result<Status>> read_status(const Key& key, const Spec& spec) override
+    boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) override
     {
         return handler_.read_status(key, spec);
     }
