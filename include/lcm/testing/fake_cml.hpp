@@ -167,6 +167,8 @@ public:
         : name_(std::move(name)), options_(options), token_random_(detail::stable_hash(name_))
     {
         build_token_prefixes();
+        // Most hosts hold one or two live tokens; reserved here, so that a login does not allocate.
+        tokens_.reserve(2);
         apply_faults(faults);
     }
 
@@ -199,14 +201,27 @@ public:
     /// `GET /licensing`: 200 with the licensing status.
     fake_cml_reply<cml_licensing_status> get_licensing_status(std::string_view bearer)
     {
-        std::unique_lock lock(mutex_);
         fake_cml_reply<cml_licensing_status> reply;
+        auto answer = get_licensing_status(bearer, reply.body);
+        reply.status = answer.status;
+        reply.error = std::move(answer.error);
+        reply.delivery = answer.delivery;
+        return reply;
+    }
+
+    /// `GET /licensing`, with the status written into `status` on 200, so that a caller can
+    /// keep it where it needs it without moving it.
+    fake_cml_reply<fake_cml_no_body> get_licensing_status(std::string_view bearer, cml_licensing_status& status)
+    {
+        std::unique_lock lock(mutex_);
+        fake_cml_reply<fake_cml_no_body> reply;
         if (begin_request(cml_call::get_licensing_status, false, reply) || !authorize(bearer, reply)) {
             return reply;
         }
 
         settle_registration();
-        fill_status(reply.body);
+        status = cml_licensing_status{};
+        fill_status(status);
         end_request(reply);
         return reply;
     }
@@ -338,16 +353,24 @@ public:
     }
 
 private:
+    // The last, random part of a token in base64url: 24 bytes.
+    static constexpr std::size_t signature_length = detail::base64url_length(24);
+
+    // A token is its user's prefix and its signature, so only the signature is kept, without
+    // an allocation.
     struct issued_token {
-        std::string value;
+        std::array<char, signature_length> signature;
         const fake_cml_user* user;
         timestamp expires;
     };
 
     std::vector<issued_token>::iterator find_token(std::string_view bearer)
     {
-        return std::find_if(tokens_.begin(), tokens_.end(),
-                            [bearer](const issued_token& token) { return token.value == bearer; });
+        return std::find_if(tokens_.begin(), tokens_.end(), [this, bearer](const issued_token& token) {
+            const auto& prefix = token_prefix(*token.user);
+            return bearer.size() == prefix.size() + signature_length && bearer.starts_with(prefix) &&
+                   bearer.ends_with(std::string_view(token.signature.data(), signature_length));
+        });
     }
 
     timestamp now() const { return options_.clock ? options_.clock() : now_utc(); }
@@ -432,7 +455,8 @@ private:
 
         const auto expires =
             options_.token_lifetime ? now() + *options_.token_lifetime : timestamp{timestamp::duration::max()};
-        tokens_.push_back(issued_token{token, &user, expires});
+        auto& issued = tokens_.emplace_back(issued_token{{}, &user, expires});
+        std::copy(token.end() - signature_length, token.end(), issued.signature.begin());
         return secret(std::move(token));
     }
 
@@ -747,8 +771,10 @@ public:
             co_return make_error_code(errc::cancelled);
         }
 
-        auto reply = exchange(current, [](fake_cml_instance& instance, std::string_view bearer) {
-            return instance.get_licensing_status(bearer);
+        // The instance writes the status straight into the answer, which saves a move of it.
+        result<cml_licensing_status> answer(std::in_place_type<cml_licensing_status>);
+        auto reply = exchange(current, [&answer](fake_cml_instance& instance, std::string_view bearer) {
+            return instance.get_licensing_status(bearer, answer.value());
         });
         if (!reply) {
             co_return reply.error();
@@ -756,7 +782,7 @@ public:
         if (auto mapped = map_cml_status(cml_call::get_licensing_status, reply.value().status); !mapped) {
             co_return mapped.error();
         }
-        co_return std::move(reply.value().body);
+        co_return std::move(answer);
     }
 
     boost::asio::awaitable<result<void>> register_license(const cml_endpoint& endpoint, const secret& token,
