@@ -592,13 +592,18 @@ private:
             status.virtual_account = "Default";
             status.registration_expires = registration_expires_;
             status.authorization_expires = authorization_expires_;
-            // Pushed one at a time, because the elements of a braced list would be copied once more.
-            status.features.reserve(2);
-            status.features.push_back(
-                cml_feature{"CML_ENTERPRISE", "CML Enterprise", "", "1.0", "IN_COMPLIANCE", 1, 1, 1, {}, {}});
-            status.features.push_back(
-                cml_feature{"CML_NODE_COUNT", "CML Nodes", "", "1.0", "IN_COMPLIANCE", 0, 0, 20, {}, {}});
+            status.features = licensed_features();
         }
+    }
+
+    // The features of a licensed host, built once: copying them is cheaper than building them
+    // from string literals at every status read.
+    static const std::vector<cml_feature>& licensed_features()
+    {
+        static const std::vector<cml_feature> features{
+            cml_feature{"CML_ENTERPRISE", "CML Enterprise", "", "1.0", "IN_COMPLIANCE", 1, 1, 1, {}, {}},
+            cml_feature{"CML_NODE_COUNT", "CML Nodes", "", "1.0", "IN_COMPLIANCE", 0, 0, 20, {}, {}}};
+        return features;
     }
 
     void call_hook(fake_cml_hook_point point) const
