@@ -50,7 +50,8 @@ po::options_description make_flags()
         ("request-timeout", po::value<std::int64_t>()->default_value(server_defaults.request_timeout.count()),
          "milliseconds a client has to send a whole request")
         ("shutdown-timeout", po::value<std::int64_t>()->default_value(server_defaults.shutdown_timeout.count()),
-         "milliseconds in-flight requests may take after SIGINT or SIGTERM")
+         "milliseconds in-flight requests may take after SIGINT or SIGTERM; held change-feed requests "
+         "return at once")
         ("max-change-wait", po::value<std::int64_t>()->default_value(api_defaults.max_change_wait.count()),
          "maximum milliseconds a change-feed request may wait")
         ("db", po::value<std::string>()->default_value(std::string(default_database)),
@@ -119,6 +120,9 @@ int run(int argc, char** argv)
     application::logging_event_sink sink(log, registry);
     application::control_plane plane(repository, sink, log);
     transport::control_plane_api api(plane, std::move(api_options), log);
+    // On SIGINT or SIGTERM, held change-feed requests return the current sequence at once, so
+    // the stop need not wait for --shutdown-timeout.
+    server_options.on_stop = [&api] { api.end_change_waits(); };
     boost::asio::io_context context;
     transport::http_server server(context.get_executor(), server_options, api.handler(), log);
     listen_or_throw(server, values["listen"].as<std::string>());

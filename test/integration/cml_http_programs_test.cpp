@@ -1,6 +1,6 @@
 // lcm-fake-cml and lcm-control-plane as child processes on 127.0.0.1: the bound address on
-// the first line of stdout, a few requests, a clean exit on SIGTERM, --help and bad flags
-// of all three programs, and no secret in their output.
+// the first line of stdout, a few requests, a clean exit on SIGTERM (also with a long-poll
+// held), --help and bad flags of all three programs, and no secret in their output.
 #if defined(LCM_FAKE_CML_PROGRAM) && defined(LCM_CONTROL_PLANE_PROGRAM) && defined(LCM_WORKER_CONTROLLER_PROGRAM)
 
 #include "cml_http_test_support.hpp"
@@ -143,6 +143,56 @@ TEST_CASE("control plane program serves api", "[integration]")
     stop_cleanly(child);
     CHECK(child.standard_error().find("control plane stopped") != std::string::npos);
     check_output_free_of(child, {api_key, admin_token, license_token});
+}
+
+TEST_CASE("control plane stops during long-poll", "[integration]")
+{
+    secret_files files;
+    const auto api_key_file = files.write("api-key", api_key + "\n");
+    const auto admin_token_file = files.write("admin-token", admin_token + "\n");
+    // The held long-poll must not keep the program running until the 60 s shutdown timeout.
+    child_process child(LCM_CONTROL_PLANE_PROGRAM,
+                        {"--listen", "127.0.0.1:0", "--api-key-file", api_key_file, "--admin-token-file",
+                         admin_token_file, "--db", "memory", "--shutdown-timeout", "60000"});
+    const auto port = read_port(child);
+
+    asio::io_context context;
+    auto body = [&]() -> asio::awaitable<void> {
+        auto sequence_request = make_request(http::verb::get, "/api/internal/changes", credentials::internal);
+        auto sequence_response = co_await send(port, std::move(sequence_request));
+        REQUIRE(sequence_response.result() == http::status::ok);
+        const auto current = json_of(sequence_response).at("sequence").to_number<std::uint64_t>();
+
+        auto poll = co_await connect_to(port);
+        const auto target = "/api/internal/changes?after=" + std::to_string(current) + "&timeout_ms=60000";
+        auto poll_request = make_request(http::verb::get, target, credentials::internal);
+        poll_request.set(http::field::host, "127.0.0.1");
+        poll_request.prepare_payload();
+        co_await http::async_write(poll, poll_request, asio::use_awaitable);
+
+        // The program serves both connections on one thread and reads the long-poll first,
+        // so the long-poll is held by the time the /health response arrives.
+        http_request health{http::verb::get, "/health", 11};
+        auto healthy = co_await send(port, std::move(health));
+        REQUIRE(healthy.result() == http::status::ok);
+
+        child.send_signal(SIGTERM);
+        poll.expires_after(exit_timeout);
+        boost::beast::flat_buffer buffer;
+        http_response answered;
+        co_await http::async_read(poll, buffer, answered, asio::use_awaitable);
+        CHECK(answered.result() == http::status::ok);
+        CHECK(json_of(answered).at("sequence").to_number<std::uint64_t>() == current);
+    };
+    testing::run_with_timeout(context, body(), std::chrono::seconds(20));
+
+    const auto status = child.wait_for_exit(exit_timeout);
+    INFO("stderr: " << child.standard_error());
+    REQUIRE(status);
+    CHECK(*status == 0);
+    CHECK(child.standard_error().find("control plane stopped") != std::string::npos);
+    CHECK(child.standard_error().find("level=error") == std::string::npos);
+    CHECK(child.standard_error().find("outlived the shutdown timeout") == std::string::npos);
 }
 
 TEST_CASE("programs print help", "[integration]")

@@ -633,6 +633,137 @@ TEST_CASE("api change feed wakes on request", "[integration]")
         std::chrono::seconds(10));
 }
 
+namespace {
+
+/// Builds a change-feed request that waits up to 60 s for a change after the current sequence.
+http_request long_poll_request(std::uint64_t current)
+{
+    const auto target = "/api/internal/changes?after=" + std::to_string(current) + "&timeout_ms=60000";
+    return make_request(verb::get, target, credentials::internal);
+}
+
+/// A control plane on an `observed_repository`, served over HTTP on 127.0.0.1, with every
+/// log record captured.
+struct observed_control_plane {
+    /// With `end_waits_on_stop`, the server's `on_stop` calls `api.end_change_waits()`.
+    observed_control_plane(transport::http_server_options options, bool end_waits_on_stop)
+    {
+        if (end_waits_on_stop) {
+            options.on_stop = [this] { api.end_change_waits(); };
+        }
+        server.emplace(context, std::move(options), api.handler(), logs.make_logger());
+        repository.on_wait = [this] { waiting.set(); };
+    }
+
+    /// Sends a long-poll from a coroutine of its own and returns once the server holds it.
+    /// `poll_done` is set when the long-poll ends, with its response in `poll_response`, or
+    /// the client's error in `poll_error` when the connection closed without a response.
+    asio::awaitable<void> hold_long_poll()
+    {
+        const auto current = api.change_sequence_base() + repository.change_sequence();
+        asio::co_spawn(
+            context,
+            [this, current]() -> asio::awaitable<void> {
+                try {
+                    poll_response = co_await send(server->port(), long_poll_request(current));
+                }
+                catch (const boost::system::system_error& error) {
+                    poll_error = error.what();
+                }
+                poll_done.set();
+            },
+            asio::detached);
+        co_await waiting.wait();
+    }
+
+    asio::io_context context;
+    log_capture logs;
+    observed_repository repository;
+    sink_type sink;
+    application::control_plane<observed_repository, sink_type> plane{repository, sink, logs.make_logger()};
+    transport::control_plane_api<observed_repository, sink_type> api{plane, test_api_options(), logs.make_logger()};
+    std::optional<running_server> server;
+    event waiting{context.get_executor()};
+    event poll_done{context.get_executor()};
+    std::optional<http_response> poll_response;
+    std::string poll_error;
+};
+
+} // namespace
+
+TEST_CASE("api server stop ends held long-poll", "[integration]")
+{
+    // Without on_stop, the stop would wait for the held long-poll until the shutdown
+    // timeout, beyond the test's 10 s limit.
+    transport::http_server_options options;
+    options.shutdown_timeout = std::chrono::seconds(60);
+    observed_control_plane f(options, true);
+
+    run_served(f.context, *f.server, [&]() -> asio::awaitable<void> {
+            const auto current = f.api.change_sequence_base() + f.repository.change_sequence();
+            co_await f.hold_long_poll();
+
+            const auto started = std::chrono::steady_clock::now();
+            co_await f.server->stop();
+            const auto elapsed = std::chrono::steady_clock::now() - started;
+            co_await f.poll_done.wait();
+
+            CHECK(elapsed < std::chrono::seconds(2));
+            INFO("client error: " << f.poll_error);
+            REQUIRE(f.poll_response);
+            CHECK(f.poll_response->result_int() == 200);
+            CHECK(json_of(*f.poll_response).at("sequence") == current);
+            CHECK(!f.poll_response->keep_alive());
+        }(),
+        std::chrono::seconds(10));
+    CHECK(f.logs.lines_with("level=error") == std::vector<std::string>{});
+    CHECK(f.logs.lines_with("outlived the shutdown timeout").empty());
+}
+
+TEST_CASE("api ended change feed does not wait", "[integration]")
+{
+    served_control_plane f;
+    run_served(f.context, f.server, [&]() -> asio::awaitable<void> {
+        co_await f.add_worker("w1");
+        const auto current = f.api.change_sequence_base() + f.repository.change_sequence();
+        f.api.end_change_waits();
+
+        // The client gives up after 5 s, long before the requested 60 s wait.
+        const auto started = std::chrono::steady_clock::now();
+        auto answered = co_await send(f.server.port(), long_poll_request(current));
+        const auto elapsed = std::chrono::steady_clock::now() - started;
+
+        CHECK(answered.result_int() == 200);
+        CHECK(json_of(answered).at("sequence") == current);
+        CHECK(elapsed < std::chrono::seconds(2));
+        co_await f.server.stop();
+    }());
+}
+
+TEST_CASE("api cancelled long-poll logs no error", "[integration]")
+{
+    // Without on_stop, the server cancels the held long-poll when the shutdown timeout passes.
+    transport::http_server_options options;
+    options.shutdown_timeout = std::chrono::milliseconds(100);
+    observed_control_plane f(options, false);
+
+    run_served(f.context, *f.server, [&]() -> asio::awaitable<void> {
+            co_await f.hold_long_poll();
+            co_await f.server->stop();
+            co_await f.poll_done.wait();
+            CHECK(!f.poll_response);
+        }(),
+        std::chrono::seconds(10));
+    CHECK(!f.logs.lines_with("outlived the shutdown timeout").empty());
+    const auto cancelled = f.logs.lines_with("msg=\"request cancelled\"");
+    CHECK(!cancelled.empty());
+    for (const auto& line : cancelled) {
+        INFO(line);
+        CHECK(line.starts_with("level=debug "));
+    }
+    CHECK(f.logs.lines_with("level=error") == std::vector<std::string>{});
+}
+
 TEST_CASE("api openapi document matches routes", "[integration]")
 {
     std::ifstream file(LCM_OPENAPI_DOCUMENT);

@@ -13,24 +13,30 @@
 #include <lcm/transport/http_server.hpp>
 #include <lcm/transport/router.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json/parse.hpp>
+#include <boost/system/system_error.hpp>
 
 #include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <variant>
+#include <vector>
 
 namespace lcm::transport {
 
@@ -74,6 +80,9 @@ struct control_plane_api_options {
 ///
 /// Thread safety and cancellation: those of the control plane; build and hand out the
 /// handler before serving. The object must outlive every server that uses its handler.
+/// A server that stops should call `end_change_waits()` through `http_server_options::on_stop`,
+/// because otherwise a held change-feed request keeps its connection open until the
+/// server's `shutdown_timeout`.
 template <application::worker_repository Repository, application::event_sink Sink>
 class control_plane_api {
 public:
@@ -95,6 +104,22 @@ public:
         return [this](http_request request) { return router_.dispatch(std::move(request)); };
     }
 
+    /// Ends the wait of every change-feed request, which then returns the current sequence at
+    /// once, as if its `timeout_ms` had elapsed. Later requests do not wait either. Call it
+    /// when the servers that use the handler stop. Thread-safe.
+    void end_change_waits()
+    {
+        std::vector<std::shared_ptr<end_channel>> woken;
+        {
+            std::lock_guard lock(end_mutex_);
+            change_waits_ended_ = true;
+            woken.swap(end_waiters_);
+        }
+        for (auto& channel : woken) {
+            channel->try_send(boost::system::error_code{});
+        }
+    }
+
     /// Returns the value that the change feed adds to the repository's change sequence.
     std::uint64_t change_sequence_base() const noexcept { return sequence_base_; }
 
@@ -105,6 +130,7 @@ private:
     enum class access { open, admin, internal };
 
     using route_handler = std::function<boost::asio::awaitable<http_response>(request_context&)>;
+    using end_channel = boost::asio::experimental::concurrent_channel<void(boost::system::error_code)>;
 
     /// The `initiated_by` values recorded for requests of each route group.
     static constexpr std::string_view public_caller = "api";
@@ -293,7 +319,13 @@ private:
     /// Builds the error response of a failed command, and logs failures that are not the client's fault.
     http_response command_error(const request_context& context, const boost::system::error_code& error) const
     {
-        if (http_status(error) >= 500) {
+        if (error == errc::cancelled) {
+            // The server cancels a request only when it closes the connection while it stops,
+            // and it logs that itself.
+            log_.debug("request cancelled", {{"route", std::string(context.route)},
+                                             {"worker_id", std::string(context.path_parameter("worker_id"))}});
+        }
+        else if (http_status(error) >= 500) {
             log_.error("request failed", {{"route", std::string(context.route)},
                                           {"worker_id", std::string(context.path_parameter("worker_id"))},
                                           {"error", error.message()}});
@@ -608,7 +640,8 @@ private:
     }
 
     /// Returns the current change sequence. With `after`, it first waits until the sequence
-    /// passes `after` or `timeout_ms` elapses, and returns `after` itself on timeout.
+    /// passes `after`, `timeout_ms` elapses or `end_change_waits()` is called, and returns
+    /// `after` itself on timeout.
     /// For any other `after`, such as one that an earlier process of the control plane
     /// returned, it returns the current sequence at once, so the controller resynchronizes.
     /// Sequences in the feed are the repository's plus `sequence_base_`.
@@ -640,21 +673,43 @@ private:
 
         using namespace boost::asio::experimental::awaitable_operators;
         boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, wait);
-        // NOTE: a stopping server does not wake this wait, so a held long-poll delays
-        // http_server::run() until its shutdown_timeout, after which the connection is closed.
-        // The first to finish cancels the other. The race is a named local because g++ 12
+        // The first to finish cancels the others. The race is a named local because g++ 12
         // mishandles temporaries with destructors inside a co_await expression.
         auto race = repository.wait_for_change(after.value() - sequence_base_) ||
-                    timer.async_wait(boost::asio::use_awaitable);
+                    timer.async_wait(boost::asio::use_awaitable) || wait_until_change_waits_end();
         auto outcome = co_await std::move(race);
         if (outcome.index() == 1) {
             co_return sequence_response(after.value());
+        }
+        if (outcome.index() == 2) {
+            co_return sequence_response(sequence_base_ + repository.change_sequence());
         }
         auto& changed = std::get<0>(outcome);
         if (!changed) {
             co_return command_error(context, changed.error());
         }
         co_return sequence_response(sequence_base_ + changed.value());
+    }
+
+    /// Returns once `end_change_waits()` has been called, at once if it already was. Terminal
+    /// cancellation ends the wait with an exception.
+    boost::asio::awaitable<void> wait_until_change_waits_end()
+    {
+        auto channel = std::make_shared<end_channel>(co_await boost::asio::this_coro::executor, 1);
+        {
+            std::lock_guard lock(end_mutex_);
+            if (change_waits_ended_) {
+                co_return;
+            }
+            end_waiters_.push_back(channel);
+        }
+
+        auto [error] = co_await channel->async_receive(boost::asio::as_tuple(boost::asio::use_awaitable));
+        if (error) {
+            std::lock_guard lock(end_mutex_);
+            std::erase(end_waiters_, channel);
+            throw boost::system::system_error(error);
+        }
     }
 
     static std::uint64_t random_sequence_base()
@@ -677,6 +732,10 @@ private:
     logger log_;
     std::uint64_t sequence_base_;
     router router_;
+    std::mutex end_mutex_;
+    bool change_waits_ended_ = false;
+    /// The change-feed requests that wait, woken by `end_change_waits()`.
+    std::vector<std::shared_ptr<end_channel>> end_waiters_;
 };
 
 } // namespace lcm::transport

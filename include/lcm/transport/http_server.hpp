@@ -69,6 +69,11 @@ struct http_server_options {
     /// Maximum time `run()` lets in-flight requests finish after `stop()` before it closes
     /// their connections.
     std::chrono::milliseconds shutdown_timeout{5'000};
+    /// Called once on the server's strand when the server begins to stop, through `stop()`
+    /// or a cancelled `run()`. Handlers that hold requests open on purpose, such as
+    /// long-polls, use it to end those requests at once, so the stop does not wait for them
+    /// until `shutdown_timeout`.
+    std::function<void()> on_stop;
     /// When set, every connection starts with a TLS handshake with this context, which must
     /// hold the certificate chain and private key. The handshake must end within
     /// `request_timeout`. Empty serves plain HTTP.
@@ -158,8 +163,8 @@ public:
         co_await boost::asio::co_spawn(strand_, run_on_strand(), boost::asio::use_awaitable);
     }
 
-    /// Stops accepting and closes idle connections; requests in flight still get their
-    /// response, on a connection that then closes. `run()` returns when all have ended.
+    /// Stops accepting, calls `on_stop` and closes idle connections. Requests in flight still
+    /// get their response, on a connection that then closes. `run()` returns when all have ended.
     void stop()
     {
         boost::asio::post(strand_, [this] { begin_stop(); });
@@ -308,6 +313,9 @@ private:
         if (!stopping_) {
             stopping_ = true;
             log_.info("http server stopping", {{"connections", std::to_string(connections_.size())}});
+            if (options_.on_stop) {
+                options_.on_stop();
+            }
         }
         boost::system::error_code ignored;
         acceptor_.close(ignored);
