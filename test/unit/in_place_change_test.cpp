@@ -97,7 +97,7 @@ TEST_CASE("failed transition changes nothing", "[domain][in_place]")
     CHECK(worker.events().empty());
 }
 
-TEST_CASE("memory repository loan saves only when told", "[storage][in_place]")
+TEST_CASE("repository loan saves when told", "[storage][in_place]")
 {
     boost::asio::io_context context;
     lcm::storage::memory_repository repository;
@@ -182,7 +182,7 @@ TEST_CASE("report commands project the saved worker", "[application][in_place]")
     CHECK(lcm::testing::run_with_timeout(context, std::move(stale)).error() == errc::stale_operation);
 }
 
-TEST_CASE("sink that publishes at once receives every event", "[application][in_place]")
+TEST_CASE("direct sink receives every event", "[application][in_place]")
 {
     boost::asio::io_context context;
     lcm::storage::memory_repository repository;
@@ -210,7 +210,7 @@ TEST_CASE("sink that publishes at once receives every event", "[application][in_
                                                  "cml_worker.license.registration.completed.v1"});
 }
 
-TEST_CASE("pending keys list without copying workers", "[controller][in_place]")
+TEST_CASE("pending keys listing", "[controller][in_place]")
 {
     SECTION("a memory repository lists its index")
     {

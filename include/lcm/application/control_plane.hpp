@@ -184,7 +184,7 @@ public:
     /// controller is not an error here: the answer has `granted` false and names that claim.
     /// Fails with `not_found` for an unknown worker or when no operation is pending, and
     /// `invalid_argument` for an empty or over-long holder or a lease that is not positive.
-    /// `project` receives a `claim_view` and makes the answer; the default is an `operation_claim`.
+    /// `project` receives a `claim_view` and builds the result; the default builds an `operation_claim`.
     template <class Project = copy_worker>
     auto claim_operation(std::string worker_id, std::string holder, std::chrono::milliseconds lease,
                          Project project = {})
@@ -257,7 +257,7 @@ public:
 
 private:
     /// The change of `claim_operation`. A claim that another controller holds is not an error:
-    /// it changes nothing, and the projection answers with that claim.
+    /// it changes nothing, and the projection returns that claim.
     struct claim_change {
         std::string holder;
         std::chrono::milliseconds lease;
@@ -292,7 +292,7 @@ private:
     };
 
     /// The type a projection makes of the saved worker. A projection may also take the change,
-    /// to answer with what the change found out.
+    /// to build its result from what the change found out.
     template <class Project, class Change>
     using projected_t = std::conditional_t<std::is_invocable_v<Project&, const domain::cml_worker&, Change&>,
                                            std::invoke_result<Project&, const domain::cml_worker&, Change&>,
@@ -418,7 +418,7 @@ private:
         }
     }
 
-    /// The part of `mutate` with a lending repository that holds the loan: applies `change`,
+    /// The part of `mutate` with a lending repository that keeps the loan: applies `change`,
     /// saves when it changed the worker, and moves the events into `events`. A function of
     /// its own, because every local of a coroutine takes room in its frame, and a frame over
     /// 1 KiB misses the allocation caches of Asio and glibc.
@@ -444,7 +444,7 @@ private:
         return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::as_const(worker));
     }
 
-    /// Makes mutate's answer from a change's successful `outcome`: the outcome itself, or the
+    /// Builds mutate's result from a change's successful `outcome`: the outcome itself, or the
     /// projection of the saved worker for a change that returns `result<void>`.
     /// The worker is moved into the projection when it is the command's own copy.
     template <class Answer, class Outcome, class Project, class Change, class Worker>

@@ -49,7 +49,7 @@ concept worker_repository = requires(R& repository, const domain::cml_worker& wo
 ///
 /// - `borrow(id)`: a loan of the stored worker, or `errc::not_found`. The repository stays
 ///   locked while the loan lives. `loan.worker()` is the stored worker; `loan.changed()`
-///   tells whether it recorded an event or changed a field since the loan began;
+///   returns whether it recorded an event or changed a field since the loan began;
 ///   `loan.save()` keeps its change under the next version and returns the change's events;
 ///   a loan that ends without `save()` puts the worker back as it was. A loan must end
 ///   before its holder suspends.

@@ -339,7 +339,7 @@ public:
     }
 
 private:
-    /// Builds `read_spec`'s answer from the claim. A helper rather than code in `read_spec`,
+    /// Builds the result of `read_spec` from the claim. A helper rather than code in `read_spec`,
     /// because every local of a coroutine takes room in its frame, and a frame over 1 KiB misses
     /// the allocation caches of Asio and glibc.
     static result<std::optional<license_task>> spec_of(const std::string& worker_id, result<license_claim>&& claim,
@@ -364,7 +364,7 @@ private:
         return std::optional<license_task>(std::move(held));
     }
 
-    /// Builds `read_status`'s answer when CML need not be read: another controller holds the
+    /// Builds the result of `read_status` when CML need not be read: another controller holds the
     /// claim, or a decision needs no status. A helper for the reason `spec_of` is.
     result<license_observation> observation_without_cml(const license_task& task, timestamp now) const
     {
@@ -374,7 +374,7 @@ private:
         return license_observation{std::nullopt, decide_before_cml(task, now, options_.decision), std::nullopt};
     }
 
-    /// Builds `read_status`'s answer from CML's reply; a helper for the reason `spec_of` is.
+    /// Builds the result of `read_status` from CML's reply; a helper for the reason `spec_of` is.
     result<license_observation> observation_of(const license_task& task, result<cml_licensing_status>&& status) const
     {
         if (status) {

@@ -37,9 +37,9 @@ public:
     /// A stored worker lent for a change in place, with the repository locked until the loan
     /// ends. `save()` keeps the change under the next version. A loan must end before its
     /// holder suspends, and its holder must not call the repository meanwhile. Nothing may
-    /// change the worker after `save()`, and a change that fails or throws must leave it as it
-    /// was, as the aggregate's methods do: a loan that ends without `save()` keeps no copy to
-    /// put back, because copying the worker is the cost it avoids.
+    /// change the worker after `save()`. A change that fails or throws must leave the worker as
+    /// it was, as the aggregate's methods do, because a loan keeps no copy to put back: copying
+    /// the worker is the cost it avoids.
     class loan {
     public:
         loan(loan&& other) noexcept

@@ -776,7 +776,7 @@ public:
             co_return make_error_code(errc::cancelled);
         }
 
-        // The instance writes the status straight into the answer, which saves a move of it.
+        // The instance writes the status straight into the result, which saves a move of it.
         result<cml_licensing_status> answer(std::in_place_type<cml_licensing_status>);
         auto reply = exchange(current, [&answer](fake_cml_instance& instance, std::string_view bearer) {
             return instance.get_licensing_status(bearer, answer.value());
