@@ -214,6 +214,8 @@ struct control_plane_fixture {
     log_capture logs;
     application::control_plane<storage::memory_repository, application::memory_event_sink> plane;
     command_runner<decltype(plane)> commands{context, plane};
+
+    std::size_t pending_count() const { return repository.pending_count(); }
 };
 
 /// A control plane on a `faulty_repository`, configured as its constructor describes.
@@ -232,6 +234,8 @@ struct faulty_control_plane_fixture {
     log_capture logs;
     application::control_plane<faulty_repository, application::memory_event_sink> plane;
     command_runner<decltype(plane)> commands{context, plane};
+
+    std::size_t pending_count() const { return storage.pending_count(); }
 };
 
 } // namespace lcm::test
