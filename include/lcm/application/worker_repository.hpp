@@ -48,11 +48,12 @@ concept worker_repository = requires(R& repository, const domain::cml_worker& wo
 /// copying the worker into and out of the repository. The control plane uses it when present.
 ///
 /// - `borrow(id)`: a loan of the stored worker, or `errc::not_found`. The repository stays
-///   locked while the loan lives. `loan.worker()` is the stored worker; `loan.changed()`
-///   returns whether it recorded an event or changed a field since the loan began;
-///   `loan.save()` keeps its change under the next version and returns the change's events;
-///   a loan that ends without `save()` puts the worker back as it was. A loan must end
-///   before its holder suspends.
+///   locked while the loan lives, and the loan must end before its holder suspends.
+/// - `loan.worker()`: the stored worker itself. A change that fails must leave it as it was,
+///   as the aggregate's methods do, because the loan keeps no copy to put back.
+/// - `loan.changed()`: whether the worker recorded an event or changed a field since the loan
+///   began.
+/// - `loan.save()`: keeps the change under the next version and returns the change's events.
 ///
 /// Only a repository whose state lives in the process can offer this; a database cannot hold
 /// a row lent out without a transaction.
