@@ -655,7 +655,7 @@ struct observed_control_plane {
         repository.on_wait = [this] { waiting.set(); };
     }
 
-    /// Sends a long-poll from a coroutine of its own and returns once the server holds it.
+    /// Sends a long-poll from a coroutine of its own and returns once the server waits on it.
     /// `poll_done` is set when the long-poll ends, with its response in `poll_response`, or
     /// the client's error in `poll_error` when the connection closed without a response.
     asio::awaitable<void> hold_long_poll()

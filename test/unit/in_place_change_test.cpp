@@ -163,16 +163,19 @@ TEST_CASE("report commands project the saved worker", "[application][in_place]")
     const auto operation_id = fixture.commands.request_registration("w-1", token).value().operation_id;
     auto& context = fixture.context;
 
-    auto held = [](const lcm::application::claim_view& claim) {
+    auto granted_and_holder = [](const lcm::application::claim_view& claim) {
         return std::pair<bool, std::string>(claim.granted, claim.worker.license().claim_holder());
     };
-    auto first_claim = fixture.plane.claim_operation("w-1", "controller-a", 30s, held);
+    auto first_claim = fixture.plane.claim_operation("w-1", "controller-a", 30s, granted_and_holder);
     const auto granted = lcm::testing::run_with_timeout(context, std::move(first_claim)).value();
     CHECK(granted == std::pair<bool, std::string>(true, "controller-a"));
 
-    auto second_claim = fixture.plane.claim_operation("w-1", "controller-b", 30s, held);
-    const auto refused = lcm::testing::run_with_timeout(context, std::move(second_claim)).value();
-    CHECK(refused == std::pair<bool, std::string>(false, "controller-a"));
+    auto second_claim = fixture.plane.claim_operation("w-1", "controller-b", 30s, granted_and_holder);
+    const auto not_granted = lcm::testing::run_with_timeout(context, std::move(second_claim)).value();
+    CHECK(not_granted == std::pair<bool, std::string>(false, "controller-a"));
+    // Only the granted claim is logged, after the repository's lock was released.
+    CHECK(fixture.logs.count("msg=\"license operation claimed\"") == 1);
+    CHECK(fixture.logs.count("holder=controller-a") == 1);
 
     const auto fence = fixture.commands.get("w-1").value().license().fence();
     auto start = fixture.plane.start_operation("w-1", {operation_id, fence}, lcm::application::discard_worker{});

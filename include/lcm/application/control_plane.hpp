@@ -193,7 +193,7 @@ public:
         // Returns mutate's awaitable without a coroutine frame of its own: the change and the
         // projection carry everything by value.
         return mutate(std::move(worker_id), claim_change{std::move(holder), lease, &options_.clock},
-                      claim_projection<Project>{this, std::move(project)});
+                      claim_projection<Project>{std::move(project)}, claim_log{this});
     }
 
     /// Marks an operation as started, before a worker-controller first calls CML. `key`
@@ -256,37 +256,41 @@ public:
     }
 
 private:
-    /// The change of `claim_operation`. A claim that another controller holds is not an error:
-    /// it changes nothing, and the projection returns that claim.
+    /// The change of `claim_operation`. A claim of another controller is not an error: it
+    /// changes nothing, and the projection returns that claim. A granted claim keeps what the
+    /// log line names, because the log is written after the repository's lock is released.
     struct claim_change {
         std::string holder;
         std::chrono::milliseconds lease;
         const std::function<timestamp()>* clock;
         timestamp decided_at{};
         bool granted = false;
+        std::uint64_t operation_id = 0;
+        std::uint64_t fence = 0;
+        timestamp expires_at{};
 
         result<void> operator()(domain::cml_worker& worker)
         {
             decided_at = (*clock)();
-            auto fence = worker.claim_license_operation(holder, lease, decided_at);
-            granted = fence.has_value();
-            if (!fence && fence.error() != errc::claimed) {
-                return fence.error();
+            auto claimed = worker.claim_license_operation(holder, lease, decided_at);
+            granted = claimed.has_value();
+            if (!claimed) {
+                return claimed.error() == errc::claimed ? success() : result<void>(claimed.error());
             }
+            operation_id = worker.license().operation_id();
+            fence = claimed.value();
+            expires_at = *worker.license().claim_expires_at();
             return success();
         }
     };
 
+    /// The projection of `claim_operation`: the caller's projection of a `claim_view`.
     template <class Project>
     struct claim_projection {
-        control_plane* plane;
         Project project;
 
         auto operator()(const domain::cml_worker& worker, const claim_change& change)
         {
-            if (change.granted) {
-                plane->log_claim(worker, change.holder);
-            }
             return project(claim_view{worker, change.granted, change.decided_at});
         }
     };
@@ -306,22 +310,34 @@ private:
                            result<typename projected_t<Project, Change>::type>,
                            std::invoke_result_t<Change&, domain::cml_worker&>>;
 
-    void log_claim(const domain::cml_worker& worker, const std::string& holder)
-    {
-        if (!log_.enabled(log_level::debug)) {
-            return;
-        }
-        const auto& license = worker.license();
-        log_.debug("license operation claimed", {{"worker_id", worker.id()},
-                                                 {"operation_id", std::to_string(license.operation_id())},
-                                                 {"holder", holder},
-                                                 {"fence", std::to_string(license.fence())},
-                                                 {"expires_at", format_timestamp(*license.claim_expires_at())}});
-    }
+    // The log functors of `mutate` get the worker id, the error or null on success, and the
+    // change, and run after the repository's lock is released.
 
     /// Logs nothing about a command's end.
     struct no_log {
-        void operator()(const std::string&, const boost::system::error_code*) const noexcept {}
+        template <class Change>
+        void operator()(const std::string&, const boost::system::error_code*, const Change&) const noexcept
+        {
+        }
+    };
+
+    /// Logs a granted claim at debug level.
+    struct claim_log {
+        control_plane* plane;
+
+        void operator()(const std::string& worker_id, const boost::system::error_code* error,
+                        const claim_change& change) const
+        {
+            const auto& log = plane->log_;
+            if (error != nullptr || !change.granted || !log.enabled(log_level::debug)) {
+                return;
+            }
+            log.debug("license operation claimed", {{"worker_id", worker_id},
+                                                    {"operation_id", std::to_string(change.operation_id)},
+                                                    {"holder", change.holder},
+                                                    {"fence", std::to_string(change.fence)},
+                                                    {"expires_at", format_timestamp(change.expires_at)}});
+        }
     };
 
     /// Logs the end of a report on an operation: info when applied, a warning when rejected.
@@ -330,7 +346,8 @@ private:
         std::string_view message;
         domain::operation_key key;
 
-        void operator()(const std::string& worker_id, const boost::system::error_code* error) const
+        template <class Change>
+        void operator()(const std::string& worker_id, const boost::system::error_code* error, const Change&) const
         {
             plane->log_finish(message, worker_id, key, error);
         }
@@ -352,8 +369,8 @@ private:
     /// Applies `change` to the worker and saves it; see the class comment. `change` returns
     /// `result<T>` and leaves the worker unchanged when it fails. A change that recorded no
     /// event and left the state as it was is not saved. A claim renewal records no event but
-    /// moves the expiry, so it is saved. `log` is called once with the worker id and the error,
-    /// or a null error on success.
+    /// moves the expiry, so it is saved. `log` is called once with the worker id, the error or
+    /// null on success, and the change.
     /// Takes the id by value, so that a command may return mutate's awaitable without
     /// awaiting it in a frame of its own.
     template <class Change, class Project, class Log = no_log>
@@ -362,8 +379,9 @@ private:
     {
         if constexpr (lending_worker_repository<Repository>) {
             std::vector<domain::domain_event> events;
-            auto answer = change_lent_worker(worker_id, change, project, log, events);
-            // The loan has ended, so the sink runs without the repository's lock.
+            auto answer = change_lent_worker(worker_id, change, project, events);
+            // The loan has ended, so the log and the sink run without the repository's lock.
+            log(worker_id, answer ? nullptr : &answer.error(), change);
             if (!events.empty()) {
                 if constexpr (publishes_at_once<Sink>) {
                     sink_.publish(std::move(events));
@@ -378,18 +396,18 @@ private:
             for (int attempt = 1;; ++attempt) {
                 auto loaded = co_await repository_.get(worker_id);
                 if (!loaded) {
-                    log(worker_id, &loaded.error());
+                    log(worker_id, &loaded.error(), change);
                     co_return loaded.error();
                 }
                 auto& worker = loaded.value();
                 const auto before = worker.revision();
                 auto outcome = change(worker);
                 if (!outcome) {
-                    log(worker_id, &outcome.error());
+                    log(worker_id, &outcome.error(), change);
                     co_return outcome.error();
                 }
                 if (worker.events().empty() && worker.revision() == before) {
-                    log(worker_id, nullptr);
+                    log(worker_id, nullptr, change);
                     co_return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::move(worker));
                 }
 
@@ -397,7 +415,7 @@ private:
                 if (saved) {
                     worker.set_version(saved.value());
                     auto events = worker.take_events();
-                    log(worker_id, nullptr);
+                    log(worker_id, nullptr, change);
                     if constexpr (publishes_at_once<Sink>) {
                         sink_.publish(std::move(events));
                     }
@@ -410,7 +428,7 @@ private:
                     log_.warning("saving worker failed",
                                  {{"worker_id", worker_id}, {"error", saved.error().message()},
                                   {"attempts", std::to_string(attempt)}});
-                    log(worker_id, &saved.error());
+                    log(worker_id, &saved.error(), change);
                     co_return saved.error();
                 }
                 log_.debug("version conflict, retrying", {{"worker_id", worker_id}, {"attempt", std::to_string(attempt)}});
@@ -422,25 +440,22 @@ private:
     /// saves when it changed the worker, and moves the events into `events`. A function of
     /// its own, because every local of a coroutine takes room in its frame, and a frame over
     /// 1 KiB misses the allocation caches of Asio and glibc.
-    template <class Change, class Project, class Log>
+    template <class Change, class Project>
     mutate_result<Change, Project> change_lent_worker(const std::string& worker_id, Change& change, Project& project,
-                                                      Log& log, std::vector<domain::domain_event>& events)
+                                                      std::vector<domain::domain_event>& events)
     {
         auto loan = repository_.borrow(worker_id);
         if (!loan) {
-            log(worker_id, &loan.error());
             return loan.error();
         }
         auto& worker = loan.value().worker();
         auto outcome = change(worker);
         if (!outcome) {
-            log(worker_id, &outcome.error());
             return outcome.error();
         }
         if (loan.value().changed()) {
             events = loan.value().save();
         }
-        log(worker_id, nullptr);
         return answer_of<mutate_result<Change, Project>>(outcome, project, change, std::as_const(worker));
     }
 
@@ -453,21 +468,22 @@ private:
         if constexpr (!std::is_same_v<Outcome, result<void>>) {
             return std::move(outcome);
         }
-        else if constexpr (std::is_invocable_v<Project&, const domain::cml_worker&, Change&>) {
+        else {
+            auto apply = [&]() -> decltype(auto) {
+                if constexpr (std::is_invocable_v<Project&, const domain::cml_worker&, Change&>) {
+                    return project(std::as_const(worker), change);
+                }
+                else {
+                    return project(std::forward<Worker>(worker));
+                }
+            };
             if constexpr (std::is_void_v<typename projected_t<Project, Change>::type>) {
-                project(worker, change);
+                apply();
                 return success();
             }
             else {
-                return project(worker, change);
+                return apply();
             }
-        }
-        else if constexpr (std::is_void_v<typename projected_t<Project, Change>::type>) {
-            project(std::forward<Worker>(worker));
-            return success();
-        }
-        else {
-            return project(std::forward<Worker>(worker));
         }
     }
 

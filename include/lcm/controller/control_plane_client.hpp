@@ -214,26 +214,15 @@ public:
         co_return tasks;
     }
 
-    /// Lists the ids of `list_pending` without building tasks, and with a repository that
-    /// offers `list_pending_ids`, without copying the workers.
+    /// Lists the ids of `list_pending` without copying workers or building tasks. Present only
+    /// with a repository that offers `list_pending_ids`, such as the memory repository;
+    /// `list_pending_keys(client, limit)` falls back to `list_pending` otherwise.
     boost::asio::awaitable<result<std::vector<std::string>>> list_pending_keys(std::size_t limit)
+        requires requires(Repository& repository) {
+            { repository.list_pending_ids(std::size_t{}) } -> std::same_as<boost::asio::awaitable<result<std::vector<std::string>>>>;
+        }
     {
-        if constexpr (requires(Repository& repository) {
-                          {
-                              repository.list_pending_ids(limit)
-                          } -> std::same_as<boost::asio::awaitable<result<std::vector<std::string>>>>;
-                      }) {
-            co_return co_await plane_.repository().list_pending_ids(limit);
-        }
-        else {
-            BOOST_OUTCOME_CO_TRY(auto workers, co_await plane_.repository().list_pending(limit));
-            std::vector<std::string> ids;
-            ids.reserve(workers.size());
-            for (auto& worker : workers) {
-                ids.push_back(std::move(worker).release_state().id);
-            }
-            co_return ids;
-        }
+        return plane_.repository().list_pending_ids(limit);
     }
 
     boost::asio::awaitable<result<std::optional<license_task>>> get_task(std::string_view worker_id)

@@ -356,16 +356,16 @@ private:
             task.claim_deadline = requested_at + task.claim_remaining;
             return std::move(claim.value().task);
         }
-        license_task held;
-        held.worker_id = worker_id;
-        held.claim_holder = std::move(claim.value().holder);
-        held.claim_expires_at = claim.value().expires_at;
-        held.claim_remaining = claim.value().remaining;
-        return std::optional<license_task>(std::move(held));
+        license_task foreign;
+        foreign.worker_id = worker_id;
+        foreign.claim_holder = std::move(claim.value().holder);
+        foreign.claim_expires_at = claim.value().expires_at;
+        foreign.claim_remaining = claim.value().remaining;
+        return std::optional<license_task>(std::move(foreign));
     }
 
-    /// Builds the result of `read_status` when CML need not be read: another controller holds the
-    /// claim, or a decision needs no status. A helper for the reason `spec_of` is.
+    /// Builds the result of `read_status` when CML need not be read: the claim is another
+    /// controller's, or a decision needs no status. A helper for the reason `spec_of` is.
     result<license_observation> observation_without_cml(const license_task& task, timestamp now) const
     {
         if (task.claim_holder != options_.controller_id) {
@@ -374,7 +374,7 @@ private:
         return license_observation{std::nullopt, decide_before_cml(task, now, options_.decision), std::nullopt};
     }
 
-    /// Builds the result of `read_status` from CML's reply; a helper for the reason `spec_of` is.
+    /// Builds the result of `read_status` from CML's reply. A helper for the reason `spec_of` is.
     result<license_observation> observation_of(const license_task& task, result<cml_licensing_status>&& status) const
     {
         if (status) {

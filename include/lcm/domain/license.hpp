@@ -222,8 +222,9 @@ public:
 
     cml_license() : state_(empty_state()) {}
 
-    /// Rebuilds a license from stored fields.
-    explicit cml_license(fields state) : state_(std::make_shared<const fields>(std::move(state))) {}
+    /// Rebuilds a license from stored fields. The fields are not a const object, because
+    /// `cml_worker` changes them in place while no copy shares them.
+    explicit cml_license(fields state) : state_(std::make_shared<fields>(std::move(state))) {}
 
     const fields& state() const noexcept { return *state_; }
 

@@ -158,8 +158,8 @@ public:
     timestamp updated_at() const noexcept { return state_.updated_at; }
 
     /// Whether transitions change license fields in place while no copy shares them. False
-    /// under ThreadSanitizer, which does not model the fence that makes it safe, so that it
-    /// would report the reads of owners that released the fields as races.
+    /// under ThreadSanitizer, which does not model the fence that makes this safe and would
+    /// report the reads of owners that released the fields as races.
 #if LCM_DETAIL_THREAD_SANITIZER
     static constexpr bool edits_in_place = false;
 #else
@@ -592,16 +592,18 @@ private:
         auto& shared = state_.license.state_;
 #if !LCM_DETAIL_THREAD_SANITIZER
         if (shared.use_count() == 1) {
-            // The other owners released their references on other threads; their reads of the
-            // fields happen before these writes.
+            // Other owners may have released their references on other threads. The fence
+            // orders their reads of the fields before these writes.
             std::atomic_thread_fence(std::memory_order_acquire);
             return const_cast<cml_license::fields&>(*shared);
         }
 #endif
-        shared = std::make_shared<const cml_license::fields>(*shared);
-        return const_cast<cml_license::fields&>(*shared);
+        // Not a const object, so that a later transition may change it in place.
+        auto copy = std::make_shared<cml_license::fields>(*shared);
+        auto& unshared = *copy;
+        shared = std::move(copy);
+        return unshared;
     }
-
 
     /// Records a change of the state at `now`.
     void touch(timestamp now) noexcept

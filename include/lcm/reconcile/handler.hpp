@@ -63,9 +63,9 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 /// - `read_status(key, spec)` returns the observed state.
 /// - `reconcile(key, spec, status)` acts to bring the observed state to the desired one and returns
 ///   an `action`.
-/// - `spec` is the reconciler's own copy, which it discards after the reconcile, so `read_status`
-///   and `reconcile` may take it as a non-const reference and change it; `reconcile` may move
-///   from it.
+/// - `spec` is the reconciler's own copy, which it discards after the reconcile. So
+///   `read_status` and `reconcile` may take it as a non-const reference and change it, and
+///   `reconcile` may move from it.
 /// - Optionally, `on_terminal_failure(key, failure)` is awaited when a key gives up: after a
 ///   `terminal_error`, or when its retry deadline passed. Without it, the reconciler only logs.
 ///

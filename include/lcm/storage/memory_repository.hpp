@@ -80,10 +80,7 @@ public:
             auto& stored = *record_;
             // Most saves (claims, starts) keep the pending key, and re-inserting it would cost
             // an allocation and a tree search.
-            const auto pending_now = pending_key_of(stored.worker);
-            const bool reindex = pending_now.has_value() != pending_before_.has_value() ||
-                                 (pending_now && std::get<0>(*pending_now) != *pending_before_);
-            if (reindex) {
+            if (pending_since(stored.worker) != pending_before_) {
                 repository_->unindex_pending(stored);
                 repository_->index_pending(stored);
             }
@@ -96,18 +93,20 @@ public:
         friend class memory_repository;
 
         loan(memory_repository& repository, record& stored, std::unique_lock<std::mutex> lock)
-            : repository_(&repository), record_(&stored), lock_(std::move(lock)), revision_(stored.worker.revision())
+            : repository_(&repository),
+              record_(&stored),
+              lock_(std::move(lock)),
+              revision_(stored.worker.revision()),
+              pending_before_(pending_since(stored.worker))
         {
-            if (const auto key = pending_key_of(stored.worker)) {
-                pending_before_ = std::get<0>(*key);
-            }
         }
 
         memory_repository* repository_;
         record* record_;
         std::unique_lock<std::mutex> lock_;
         std::uint64_t revision_;
-        // The request time of the pending operation when the loan began; the id never changes.
+        // The request time of the pending operation when the loan began. The id never changes,
+        // so comparing the time shows whether the pending key changed.
         std::optional<timestamp> pending_before_;
         bool saved_ = false;
     };
@@ -122,8 +121,8 @@ public:
         co_return it->second.worker;
     }
 
-    /// Lends the stored worker for a change in place; `errc::not_found` for an unknown id.
-    /// Blocks while another loan or call holds the lock.
+    /// Lends the stored worker for a change in place, or fails with `errc::not_found` for an
+    /// unknown id. Blocks while another loan or call has the lock.
     result<loan> borrow(std::string_view id)
     {
         std::unique_lock lock(mutex_);
@@ -165,7 +164,8 @@ public:
             if (stored.worker.version() != worker.version()) {
                 co_return errc::version_conflict;
             }
-            const bool reindex = pending_key_of(stored.worker) != pending_key_of(worker);
+            // The id is the same, so comparing the request times compares the pending keys.
+            const bool reindex = pending_since(stored.worker) != pending_since(worker);
             if (reindex) {
                 unindex_pending(stored);
             }
@@ -241,20 +241,15 @@ private:
     // Pending operations ordered by request time, then id, so the oldest request comes first.
     using pending_key = std::tuple<timestamp, std::string>;
 
-    // The key of a worker in `pending_`, or nothing without a pending operation. It refers to
-    // the worker's id, so that comparing keys copies no string.
-    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_license& license,
-                                                                                 std::string_view id)
+    // The request time of a worker's pending operation, the first part of its key in
+    // `pending_`, or nothing without a pending operation.
+    static std::optional<timestamp> pending_since(const domain::cml_worker& worker)
     {
+        const auto& license = worker.license();
         if (!license.has_pending_operation()) {
             return std::nullopt;
         }
-        return std::tuple<timestamp, std::string_view>{license.requested_at().value_or(timestamp{}), id};
-    }
-
-    static std::optional<std::tuple<timestamp, std::string_view>> pending_key_of(const domain::cml_worker& worker)
-    {
-        return pending_key_of(worker.license(), worker.id());
+        return license.requested_at().value_or(timestamp{});
     }
 
     using pending_set = std::set<pending_key, std::less<>>;
@@ -269,8 +264,8 @@ private:
 
     void index_pending(record& stored)
     {
-        if (const auto key = pending_key_of(stored.worker)) {
-            stored.pending = pending_.emplace(std::get<0>(*key), std::string(std::get<1>(*key))).first;
+        if (const auto since = pending_since(stored.worker)) {
+            stored.pending = pending_.emplace(*since, stored.worker.id()).first;
         }
     }
 
