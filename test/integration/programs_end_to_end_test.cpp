@@ -69,6 +69,9 @@ constexpr auto takeover_margin = std::chrono::milliseconds(500);
 /// The allowance for scheduling and for the test's own reads on top of the lease and the
 /// margin, because a loaded 2-core machine runs six processes, a PostgreSQL server and the test.
 constexpr auto takeover_allowance = std::chrono::milliseconds(2500);
+/// How long after the kill a claim renewal of the killed controller may still be applied,
+/// because its request reached the control plane before the kill.
+constexpr auto in_flight_allowance = std::chrono::milliseconds(1000);
 /// Claims that the controller to be killed must hold on started operations before the kill.
 /// Up to `--concurrency` (4) of them may still end through reports that were in flight at
 /// the kill, so at least two are left for the other controllers to take over.
@@ -852,13 +855,11 @@ TEST_CASE("license flow scales out on postgres", "[integration][programs][postgr
         third_controller = setup.start_worker_controller(first_plane_port, lease_flags("controller-c"));
         read_port(*third_controller);
 
-        // Kill the first controller while it owns claims on started operations and other
-        // operations have not started yet.
-        auto kill_point = [&registrations](const worker_map& workers) {
-            std::size_t in_progress = 0;
-            const auto started = count_started(workers, registrations, in_progress);
-            return count_started_claims(workers, "controller-a") >= claims_before_kill &&
-                   started < scale_out_worker_count;
+        // Kill the first controller while it owns claims on started operations. The kill does
+        // not wait for operations that have not started yet as well: the controllers may start
+        // all of them before the test reads the workers, and the wait would then never end.
+        auto kill_point = [](const worker_map& workers) {
+            return count_started_claims(workers, "controller-a") >= claims_before_kill;
         };
         co_await wait_for_workers(second_plane_port, kill_point, deadline, "controller-a started operations");
         kill_program(*killed_controller);
@@ -871,7 +872,7 @@ TEST_CASE("license flow scales out on postgres", "[integration][programs][postgr
         REQUIRE(orphans.size() >= min_takeovers);
         for (const auto& [id, claim] : orphans) {
             INFO("worker " << id);
-            CHECK(claim.expires_at <= killed_at + std::chrono::milliseconds(scale_out_lease_ms));
+            CHECK(claim.expires_at <= killed_at + std::chrono::milliseconds(scale_out_lease_ms) + in_flight_allowance);
         }
         auto taken_over = [&orphans](const worker_map& workers) {
             return record_takeovers(orphans, workers, now_utc());
