@@ -130,6 +130,35 @@ TEST_CASE("fake client logs in again after 401", "[cml][fake]")
     CHECK(counters.accepted_registrations == 1);
 }
 
+TEST_CASE("fake clients keep their own session per instance", "[cml][fake]")
+{
+    lcm::testing::fake_cml cml;
+    lcm::testing::fake_cml_client first(cml, admin());
+    lcm::testing::fake_cml_client second(cml, admin());
+    const lcm::cml_endpoint lab2{"http://127.0.0.1:8080/instances/lab-2"};
+
+    const auto all_read = run([&]() -> awaitable<bool> {
+        int failures = 0;
+        for (int round = 0; round < 2; ++round) {
+            auto by_first = co_await first.get_licensing_status(lab1);
+            auto by_second = co_await second.get_licensing_status(lab1);
+            auto other_host = co_await first.get_licensing_status(lab2);
+            failures += !by_first + !by_second + !other_host;
+        }
+        // A call with a revoked token logs in again, once.
+        cml.instance(lab1).revoke_tokens();
+        auto after_revoke = co_await first.get_licensing_status(lab1);
+        failures += !after_revoke;
+        co_return failures == 0;
+    }());
+
+    CHECK(all_read);
+    // One login per client and instance, and one more after the revocation.
+    CHECK(cml.instance(lab1).counters().received_calls(cml_call::authenticate) == 3);
+    CHECK(cml.instance(lab2).counters().received_calls(cml_call::authenticate) == 1);
+    CHECK(cml.instance(lab1).counters().received_calls(cml_call::get_licensing_status) == 6);
+}
+
 TEST_CASE("fake client gives up after second 401", "[cml][fake]")
 {
     lcm::testing::fake_cml_options options;

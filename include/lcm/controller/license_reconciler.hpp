@@ -231,9 +231,14 @@ public:
     }
 
     /// Records progress (`started`, `started_at`) in `task`, the reconciler's own copy, and
-    /// moves its `cml_url` out.
+    /// moves its `cml_url` out. `observed` is the reconciler's own too: the reconcile moves
+    /// CML's status out of it, and puts a status read again in its place.
+    ///
+    /// Each path that awaits more than one call runs in a helper coroutine, which keeps every
+    /// frame under 1 KiB, the largest that Asio's frame cache and glibc's thread cache take.
+    /// One frame over it costs more than the two small ones.
     boost::asio::awaitable<reconcile::action> reconcile(const std::string&, license_task& task,
-                                                        const license_observation& observed)
+                                                        license_observation& observed)
     {
         if (observed.claimed_elsewhere_for) {
             const auto wait = *observed.claimed_elsewhere_for + options_.takeover_margin;
@@ -251,19 +256,13 @@ public:
 
         // Built once, because each copy of the URL allocates. `task.cml_url` is empty afterwards.
         const cml_endpoint endpoint{std::move(task.cml_url)};
-        // Points to the observed status until a re-read replaces it, so the first decision
-        // needs no copy of the status.
-        const cml_licensing_status* status = &*observed.cml;
-        std::optional<cml_licensing_status> reread_status;
-        auto decision = decide(task, *status);
+        auto decision = decide(task, *observed.cml);
         // Two rounds: act, then read the status once more, so that a registration CML
         // finishes at once completes in the same reconcile instead of after a poll interval.
         for (int round = 0; round < 2; ++round) {
             const bool mutates_cml = decision.action == license_action::post_registration ||
                                      decision.action == license_action::send_deregistration;
             if (mutates_cml) {
-                // Awaited here rather than in a helper coroutine, which would cost a frame per
-                // operation.
                 if (!task.started) {
                     const auto key = task.key();
                     auto started = co_await control_plane_->start(task.worker_id, key);
@@ -279,50 +278,19 @@ public:
             switch (decision.action) {
             case license_action::wait: co_return reconcile::action::requeue_after(options_.poll_interval);
 
-            case license_action::complete_registration: {
-                // The common end of an operation, reported here rather than through report(),
-                // which would cost a coroutine frame per operation.
-                // A status read again in this reconcile is its own copy, whose strings can move.
-                auto details = reread_status ? registration_details_of(std::move(*reread_status))
-                                             : registration_details_of(*status);
-                const auto key = task.key();
-                auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
-                co_return after_report(task, reported, "license registration completed");
-            }
-
-            case license_action::fail: co_return co_await report(task, decision, status);
+            case license_action::complete_registration:
+            case license_action::fail: co_return co_await report(task, decision, &*observed.cml);
 
             case license_action::post_registration: {
-                auto posted = co_await cml_->register_license(endpoint, *task.token, task.reregister);
-                if (!posted) {
-                    co_return co_await on_cml_error(task, cml_call::register_license, posted.error());
+                auto posted = co_await post_registration(task, endpoint, observed);
+                if (posted) {
+                    co_return *posted;
                 }
-                log_step("license registration posted to CML", task);
-
-                auto reread = co_await cml_->get_licensing_status(endpoint);
-                if (!reread) {
-                    co_return reconcile::action::requeue_after(options_.poll_interval);
-                }
-                reread_status = std::move(reread).value();
-                status = &*reread_status;
-                decision = decide(task, *status);
+                decision = decide(task, *observed.cml);
                 break;
             }
 
-            case license_action::send_deregistration: {
-                auto outcome = co_await cml_->deregister_license(endpoint);
-                if (!outcome) {
-                    co_return co_await on_cml_error(task, cml_call::deregister_license, outcome.error());
-                }
-                std::optional<std::string> warning;
-                if (outcome.value() == cml_deregistration_outcome::deregistered_locally) {
-                    warning = "CML deregistered the license locally but could not reach the Cisco licensing "
-                              "service; the license may count as used there until it expires";
-                }
-                const auto key = task.key();
-                auto reported = co_await control_plane_->complete_deregistration(task.worker_id, key, warning);
-                co_return after_report(task, reported, "license deregistration completed");
-            }
+            case license_action::send_deregistration: co_return co_await send_deregistration(task, endpoint);
             }
         }
         co_return reconcile::action::requeue_after(options_.poll_interval);
@@ -413,11 +381,13 @@ private:
         return std::nullopt;
     }
 
+    /// Reports the decision: a completion with the details in `status`, which it moves from, or
+    /// a failure.
     boost::asio::awaitable<reconcile::action> report(const license_task& task, const license_decision& decision,
-                                                     const cml_licensing_status* status)
+                                                     cml_licensing_status* status)
     {
         if (decision.action == license_action::complete_registration && status) {
-            auto details = registration_details_of(*status);
+            auto details = registration_details_of(std::move(*status));
             const auto key = task.key();
             auto reported = co_await control_plane_->complete_registration(task.worker_id, key, std::move(details));
             co_return after_report(task, reported, "license registration completed");
@@ -431,6 +401,43 @@ private:
                                                               {"reason", decision.message}});
         }
         co_return after_report(task, reported, {});
+    }
+
+    /// Posts the registration, then reads CML's status again into `observed`. Returns the
+    /// action that ends the reconcile, or none when `observed` contains the new status.
+    boost::asio::awaitable<std::optional<reconcile::action>> post_registration(const license_task& task,
+                                                                             const cml_endpoint& endpoint,
+                                                                             license_observation& observed)
+    {
+        auto posted = co_await cml_->register_license(endpoint, *task.token, task.reregister);
+        if (!posted) {
+            co_return co_await on_cml_error(task, cml_call::register_license, posted.error());
+        }
+        log_step("license registration posted to CML", task);
+
+        auto reread = co_await cml_->get_licensing_status(endpoint);
+        if (!reread) {
+            co_return reconcile::action::requeue_after(options_.poll_interval);
+        }
+        observed.cml = std::move(reread).value();
+        co_return std::nullopt;
+    }
+
+    boost::asio::awaitable<reconcile::action> send_deregistration(const license_task& task,
+                                                                  const cml_endpoint& endpoint)
+    {
+        auto outcome = co_await cml_->deregister_license(endpoint);
+        if (!outcome) {
+            co_return co_await on_cml_error(task, cml_call::deregister_license, outcome.error());
+        }
+        std::optional<std::string> warning;
+        if (outcome.value() == cml_deregistration_outcome::deregistered_locally) {
+            warning = "CML deregistered the license locally but could not reach the Cisco licensing "
+                      "service; the license may count as used there until it expires";
+        }
+        const auto key = task.key();
+        auto reported = co_await control_plane_->complete_deregistration(task.worker_id, key, warning);
+        co_return after_report(task, reported, "license deregistration completed");
     }
 
     /// Maps the control plane's response to a report: done on success; a fresh look at the

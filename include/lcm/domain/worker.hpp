@@ -503,7 +503,8 @@ private:
         next.reregister = false;
         next.finished_at = now;
         next.last_error.reset();
-        next.claim_holder.clear();
+        // Released rather than cleared, so that a finished worker keeps no buffer for a holder.
+        std::string().swap(next.claim_holder);
         next.claim_expires_at.reset();
     }
 

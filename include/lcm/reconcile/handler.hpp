@@ -63,9 +63,9 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 /// - `read_status(key, spec)` returns the observed state.
 /// - `reconcile(key, spec, status)` acts to bring the observed state to the desired one and returns
 ///   an `action`.
-/// - `spec` is the reconciler's own copy, which it discards after the reconcile. So
-///   `read_status` and `reconcile` may take it as a non-const reference and change it, and
-///   `reconcile` may move from it.
+/// - `spec` and `status` are the reconciler's own copies, which it discards after the reconcile.
+///   So `read_status` and `reconcile` may take `spec` as a non-const reference and change it,
+///   and `reconcile` may do the same with `status` and move from both.
 /// - Optionally, `on_terminal_failure(key, failure)` is awaited when a key gives up: after a
 ///   `terminal_error`, or when its retry deadline passed. Without it, the reconciler only logs.
 ///
@@ -78,11 +78,11 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 /// grace period, gets a terminal cancellation through the awaitable's cancellation state.
 template <class H, class Key, class Spec, class Status>
 concept reconcile_handler =
-    requires(H& handler, const Key& key, Spec& owned_spec, const Status& status) {
+    requires(H& handler, const Key& key, Spec& owned_spec, Status& owned_status) {
         { handler.list_keys() } -> std::same_as<boost::asio::awaitable<result<std::vector<Key>>>>;
         { handler.read_spec(key) } -> std::same_as<boost::asio::awaitable<result<std::optional<Spec>>>>;
         { handler.read_status(key, owned_spec) } -> std::same_as<boost::asio::awaitable<result<Status>>>;
-        { handler.reconcile(key, owned_spec, status) } -> std::same_as<boost::asio::awaitable<action>>;
+        { handler.reconcile(key, owned_spec, owned_status) } -> std::same_as<boost::asio::awaitable<action>>;
     };
 
 /// Whether `H` has the optional terminal-failure hook.

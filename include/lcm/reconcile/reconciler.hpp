@@ -763,6 +763,7 @@ private:
         std::vector<std::pair<worker*, wake_handler>> wakes;
         {
             std::lock_guard lock(mutex_);
+            queue_.reserve(keys.size());
             for (auto& key : keys) {
                 if (queue_.add_if_idle(std::move(key), now)) {
                     metrics_.adds->increment();

@@ -153,8 +153,13 @@ public:
         if (index_.find(key_probe{hash, &key}) != index_.end()) {
             return false;
         }
-        return request(std::move(key), hash, now, now);
+        create_entry(std::move(key), hash, now, now);
+        return true;
     }
+
+    /// Makes room in the index for `count` more keys, so that adding a long list of keys grows
+    /// it once instead of step by step.
+    void reserve(std::size_t count) { index_.reserve(index_.size() + count); }
 
     /// Moves the delayed keys that are due at `now` to the back of the ready queue, earliest first.
     /// Returns how many it moved.

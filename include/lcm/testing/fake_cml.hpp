@@ -293,6 +293,33 @@ public:
         return reply;
     }
 
+    /// The state an in-process client keeps for this host: its bearer token, and a mutex that
+    /// serializes its calls to this host. It belongs to the client, not to the host.
+    struct client_session {
+        explicit client_session(fake_cml_instance& of) : host(&of) {}
+
+        fake_cml_instance* const host;
+        std::mutex mutex;
+        std::optional<secret> bearer;
+    };
+
+    /// Returns the session of the client numbered `client` (see `fake_cml::add_client`),
+    /// creating it on first use. Kept beside the host rather than in a table of the client,
+    /// so that the client finds it with the host lookup it makes anyway. It lives as long as
+    /// the host.
+    client_session& session_of(std::size_t client)
+    {
+        std::lock_guard lock(mutex_);
+        if (client >= client_sessions_.size()) {
+            client_sessions_.resize(client + 1);
+        }
+        auto& slot = client_sessions_[client];
+        if (!slot) {
+            slot = std::make_unique<client_session>(*this);
+        }
+        return *slot;
+    }
+
     // -----------------------------------------------------------------------------------
     // Controls and inspection for tests; none of them is counted as a call.
 
@@ -634,6 +661,8 @@ private:
     // NOTE: tokens leave only when revoked or presented after expiry, so a test that logs in
     // to one instance thousands of times makes each call search all of them.
     std::vector<issued_token> tokens_;
+    // Indexed by client number; see `session_of`.
+    std::vector<std::unique_ptr<client_session>> client_sessions_;
     // Indexed like `options_.users`.
     std::vector<std::string> token_prefixes_;
     detail::random_generator token_random_;
@@ -704,6 +733,10 @@ public:
         }
     }
 
+    /// Returns a number for a new in-process client, under which each instance keeps that
+    /// client's session.
+    std::size_t add_client() noexcept { return next_client_.fetch_add(1, std::memory_order_relaxed); }
+
     std::size_t instance_count() const
     {
         std::shared_lock lock(mutex_);
@@ -732,12 +765,14 @@ private:
     fake_cml_faults faults_;
     boost::unordered_flat_map<std::string, std::unique_ptr<fake_cml_instance>, detail::string_hash, std::equal_to<>>
         instances_;
+    std::atomic<std::size_t> next_client_{0};
 };
 
 /// A `cml_client` that calls a `fake_cml` in-process, without HTTP or JSON, and maps the
 /// replies with `map_cml_status` exactly as the HTTP client does.
 ///
-/// It logs in as one user and caches one bearer token per endpoint. A reply of 401 makes
+/// It logs in as one user and caches one bearer token per instance, in a session the instance
+/// keeps for it (see `fake_cml_instance::session_of`). A reply of 401 makes
 /// it log in again once and repeat the request once. A dropped connection fails with
 /// `unavailable`, whether or not the instance applied the request.
 ///
@@ -750,7 +785,7 @@ private:
 class fake_cml_client {
 public:
     fake_cml_client(fake_cml& cml, cml_credentials credentials, logger log = {})
-        : cml_(cml), credentials_(std::move(credentials)), log_(std::move(log))
+        : cml_(cml), client_(cml.add_client()), credentials_(std::move(credentials)), log_(std::move(log))
     {
     }
 
@@ -761,7 +796,7 @@ public:
     boost::asio::awaitable<result<void>> authenticate(const cml_endpoint& endpoint)
     {
         auto& current = session_for(endpoint);
-        if (current.instance->latency().count() > 0 && co_await wait_latency(current)) {
+        if (current.host->latency().count() > 0 && co_await wait_latency(*current.host)) {
             co_return make_error_code(errc::cancelled);
         }
 
@@ -772,14 +807,14 @@ public:
     boost::asio::awaitable<result<cml_licensing_status>> get_licensing_status(const cml_endpoint& endpoint)
     {
         auto& current = session_for(endpoint);
-        if (current.instance->latency().count() > 0 && co_await wait_latency(current)) {
+        if (current.host->latency().count() > 0 && co_await wait_latency(*current.host)) {
             co_return make_error_code(errc::cancelled);
         }
 
         // The instance writes the status straight into the result, which saves a move of it.
         result<cml_licensing_status> answer(std::in_place_type<cml_licensing_status>);
-        auto reply = exchange(current, [&answer](fake_cml_instance& instance, std::string_view bearer) {
-            return instance.get_licensing_status(bearer, answer.value());
+        auto reply = exchange(current, [&answer](fake_cml_instance& host, std::string_view bearer) {
+            return host.get_licensing_status(bearer, answer.value());
         });
         if (!reply) {
             co_return reply.error();
@@ -794,12 +829,12 @@ public:
                                                           bool reregister)
     {
         auto& current = session_for(endpoint);
-        if (current.instance->latency().count() > 0 && co_await wait_latency(current)) {
+        if (current.host->latency().count() > 0 && co_await wait_latency(*current.host)) {
             co_return make_error_code(errc::cancelled);
         }
 
-        auto reply = exchange(current, [&token, reregister](fake_cml_instance& instance, std::string_view bearer) {
-            return instance.register_license(bearer, token, reregister);
+        auto reply = exchange(current, [&token, reregister](fake_cml_instance& host, std::string_view bearer) {
+            return host.register_license(bearer, token, reregister);
         });
         if (!reply) {
             co_return reply.error();
@@ -813,12 +848,12 @@ public:
     boost::asio::awaitable<result<cml_deregistration_outcome>> deregister_license(const cml_endpoint& endpoint)
     {
         auto& current = session_for(endpoint);
-        if (current.instance->latency().count() > 0 && co_await wait_latency(current)) {
+        if (current.host->latency().count() > 0 && co_await wait_latency(*current.host)) {
             co_return make_error_code(errc::cancelled);
         }
 
-        auto reply = exchange(current, [](fake_cml_instance& instance, std::string_view bearer) {
-            return instance.deregister_license(bearer);
+        auto reply = exchange(current, [](fake_cml_instance& host, std::string_view bearer) {
+            return host.deregister_license(bearer);
         });
         if (!reply) {
             co_return reply.error();
@@ -831,35 +866,15 @@ public:
     }
 
 private:
-    struct session {
-        fake_cml_instance* instance = nullptr;
-        std::mutex mutex;
-        std::optional<secret> bearer;
-    };
+    using session = fake_cml_instance::client_session;
 
-    session& session_for(const cml_endpoint& endpoint)
-    {
-        {
-            std::shared_lock lock(sessions_mutex_);
-            if (auto found = sessions_.find(endpoint.base_url); found != sessions_.end()) {
-                return *found->second;
-            }
-        }
-        auto& instance = cml_.instance(endpoint);
-        std::unique_lock lock(sessions_mutex_);
-        auto& entry = sessions_[endpoint.base_url];
-        if (!entry) {
-            entry = std::make_unique<session>();
-            entry->instance = &instance;
-        }
-        return *entry;
-    }
+    session& session_for(const cml_endpoint& endpoint) { return cml_.instance(endpoint).session_of(client_); }
 
     // Returns true when the wait was cancelled. Callers skip it without latency, which
     // saves a coroutine frame per call.
-    static boost::asio::awaitable<bool> wait_latency(const session& current)
+    static boost::asio::awaitable<bool> wait_latency(const fake_cml_instance& instance)
     {
-        boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, current.instance->latency());
+        boost::asio::steady_timer timer(co_await boost::asio::this_coro::executor, instance.latency());
         boost::system::error_code error;
         co_await timer.async_wait(boost::asio::redirect_error(boost::asio::use_awaitable, error));
         co_return error == boost::asio::error::operation_aborted;
@@ -869,13 +884,13 @@ private:
     result<void> log_in(session& current)
     {
         current.bearer.reset();
-        auto reply = current.instance->authenticate(credentials_.username, credentials_.password.reveal());
+        auto reply = current.host->authenticate(credentials_.username, credentials_.password.reveal());
         if (reply.delivery != fake_cml_delivery::delivered) {
             return make_error_code(errc::unavailable);
         }
         if (auto mapped = map_cml_status(cml_call::authenticate, reply.status); !mapped) {
             log_.warning("CML login failed",
-                         {{"instance", current.instance->name()}, {"status", std::to_string(reply.status)}});
+                         {{"instance", current.host->name()}, {"status", std::to_string(reply.status)}});
             return mapped.error();
         }
         current.bearer = std::move(reply.body);
@@ -885,7 +900,7 @@ private:
     // Sends one request with the cached bearer token, logging in first when there is none,
     // and once more after a 401. Returns `unavailable` when the connection dropped.
     template <class Send>
-    auto exchange(session& current, Send send) -> result<decltype(send(*current.instance, std::string_view{}))>
+    auto exchange(session& current, Send send) -> result<decltype(send(*current.host, std::string_view{}))>
     {
         std::lock_guard lock(current.mutex);
         if (!current.bearer) {
@@ -894,13 +909,13 @@ private:
             }
         }
 
-        auto reply = send(*current.instance, current.bearer->reveal());
+        auto reply = send(*current.host, current.bearer->reveal());
         if (reply.delivery == fake_cml_delivery::delivered && reply.status == 401) {
-            log_.debug("CML rejected the bearer token; logging in again", {{"instance", current.instance->name()}});
+            log_.debug("CML rejected the bearer token; logging in again", {{"instance", current.host->name()}});
             if (auto login = log_in(current); !login) {
                 return login.error();
             }
-            reply = send(*current.instance, current.bearer->reveal());
+            reply = send(*current.host, current.bearer->reveal());
         }
         if (reply.delivery != fake_cml_delivery::delivered) {
             return make_error_code(errc::unavailable);
@@ -909,11 +924,10 @@ private:
     }
 
     fake_cml& cml_;
+    // This client's number, under which each instance keeps its session.
+    const std::size_t client_;
     const cml_credentials credentials_;
     const logger log_;
-
-    mutable std::shared_mutex sessions_mutex_;
-    boost::unordered_flat_map<std::string, std::unique_ptr<session>, detail::string_hash, std::equal_to<>> sessions_;
 };
 
 static_assert(cml_client<fake_cml_client>);

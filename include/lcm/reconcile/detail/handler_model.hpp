@@ -14,7 +14,7 @@ public:
     virtual boost::asio::awaitable<result<std::vector<Key>>> list_keys() = 0;
     virtual boost::asio::awaitable<result<std::optional<Spec>>> read_spec(const Key& key) = 0;
     virtual boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) = 0;
-    virtual boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, const Status& status) = 0;
+    virtual boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, Status& status) = 0;
     virtual boost::asio::awaitable<void> on_terminal_failure(const Key& key, const terminal_failure& failure) = 0;
 };
 
@@ -37,7 +37,7 @@ public:
         return handler_.read_status(key, spec);
     }
 
-    boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, const Status& status) override
+    boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, Status& status) override
     {
         return handler_.reconcile(key, spec, status);
     }
