@@ -11,7 +11,8 @@ namespace lcm::bench {
 
 /// Heap and resident memory of this process at one moment.
 struct memory_sample {
-    /// Bytes allocated through malloc and not freed (glibc `mallinfo2().uordblks`).
+    /// Bytes allocated through malloc and not freed (glibc `mallinfo2().uordblks + hblkhd`),
+    /// including large blocks such as hash tables, which glibc may map on their own.
     std::size_t heap_in_use = 0;
     std::size_t rss = 0;
     std::size_t peak_rss = 0;
@@ -34,7 +35,8 @@ inline std::size_t status_field_bytes(const char* field)
 inline memory_sample sample_memory()
 {
     memory_sample sample;
-    sample.heap_in_use = mallinfo2().uordblks;
+    const auto info = mallinfo2();
+    sample.heap_in_use = info.uordblks + info.hblkhd;
     sample.rss = status_field_bytes("VmRSS");
     sample.peak_rss = status_field_bytes("VmHWM");
     return sample;

@@ -24,10 +24,12 @@
 #define CALLGRIND_STOP_INSTRUMENTATION
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <variant>
@@ -155,24 +157,34 @@ run_result run_once(std::size_t worker_count, std::size_t concurrency)
     return result;
 }
 
-boost::json::object to_json(const run_result& result)
+double operations_of(const run_result& result) { return static_cast<double>(result.completed + result.failed); }
+
+double per_worker(std::size_t before, std::size_t after, std::size_t workers)
 {
-    const double operations = static_cast<double>(result.completed + result.failed);
-    const double heap_per_worker =
-        static_cast<double>(result.heap_with_workers - result.heap_before_workers) / static_cast<double>(result.workers);
-    const double rss_per_worker =
-        static_cast<double>(result.rss_with_workers - result.rss_before_workers) / static_cast<double>(result.workers);
-    return {{"workers", result.workers},
-            {"concurrency", result.concurrency},
+    return (static_cast<double>(after) - static_cast<double>(before)) / static_cast<double>(workers);
+}
+
+// The median of the repetitions of one configuration, with the fastest and slowest of them.
+boost::json::object to_json(std::vector<run_result> samples)
+{
+    std::sort(samples.begin(), samples.end(),
+              [](const run_result& a, const run_result& b) { return a.seconds < b.seconds; });
+    const run_result& median = samples[samples.size() / 2];
+    const double operations = operations_of(median);
+    return {{"workers", median.workers},
+            {"concurrency", median.concurrency},
             {"threads", 1},
-            {"seconds", result.seconds},
-            {"operations_completed", result.completed},
-            {"operations_failed", result.failed},
-            {"cml_accepted_registrations", result.accepted_registrations},
-            {"operations_per_second", operations / result.seconds},
-            {"microseconds_per_operation", result.seconds * 1e6 / operations},
-            {"heap_bytes_per_worker", heap_per_worker},
-            {"rss_bytes_per_worker", rss_per_worker}};
+            {"repetitions", samples.size()},
+            {"seconds", median.seconds},
+            {"operations_completed", median.completed},
+            {"operations_failed", median.failed},
+            {"cml_accepted_registrations", median.accepted_registrations},
+            {"operations_per_second", operations / median.seconds},
+            {"microseconds_per_operation", median.seconds * 1e6 / operations},
+            {"fastest_operations_per_second", operations_of(samples.front()) / samples.front().seconds},
+            {"slowest_operations_per_second", operations_of(samples.back()) / samples.back().seconds},
+            {"heap_bytes_per_worker",
+             per_worker(median.heap_before_workers, median.heap_with_workers, median.workers)}};
 }
 
 } // namespace
@@ -185,7 +197,10 @@ int main(int argc, char** argv)
     description.add_options()("help", "print this help and exit")(
         "workers", po::value<std::size_t>()->default_value(100'000), "workers with a pending registration")(
         "concurrency", po::value<std::vector<std::size_t>>()->multitoken()->default_value({16, 256}, "16 256"),
-        "reconciler concurrency limits to measure, one run each");
+        "reconciler concurrency limits to measure")(
+        "repetitions", po::value<std::size_t>()->default_value(5),
+        "timed runs of each concurrency limit; the output gives their median")(
+        "no-warm-up", "skip the untimed first run, for example under a profiler");
     po::variables_map arguments;
     try {
         po::store(po::parse_command_line(argc, argv, description), arguments);
@@ -200,14 +215,51 @@ int main(int argc, char** argv)
         return 0;
     }
 
-    boost::json::array runs;
-    for (const auto concurrency : arguments["concurrency"].as<std::vector<std::size_t>>()) {
-        runs.push_back(to_json(run_once(arguments["workers"].as<std::size_t>(), concurrency)));
+    const auto workers = arguments["workers"].as<std::size_t>();
+    const auto concurrencies = arguments["concurrency"].as<std::vector<std::size_t>>();
+    const auto repetitions = arguments["repetitions"].as<std::size_t>();
+    const bool warm_up = !arguments.count("no-warm-up");
+    if (workers == 0 || repetitions == 0 || concurrencies.empty() ||
+        std::find(concurrencies.begin(), concurrencies.end(), std::size_t{0}) != concurrencies.end()) {
+        std::cerr << "lcm-bench-license-inprocess: --workers, --repetitions and every --concurrency must be "
+                     "at least 1\n";
+        return 2;
     }
-    boost::json::object report{{"benchmark", "license-inprocess"},
-                               {"cml_registration_delay_ms", 0},
-                               {"hardware_threads", std::thread::hardware_concurrency()},
-                               {"runs", std::move(runs)}};
+
+    // The first run of a process faults in about 70 MB of fresh pages, which a long-running
+    // control plane does once, so an untimed first run keeps that cost out of the medians. Its
+    // figures, with the only valid resident memory per worker, are printed as "first_run".
+    std::vector<std::vector<run_result>> samples(concurrencies.size());
+    std::optional<run_result> first_run;
+    if (warm_up) {
+        first_run = run_once(workers, concurrencies.front());
+    }
+    for (std::size_t repetition = 0; repetition < repetitions; ++repetition) {
+        for (std::size_t i = 0; i < concurrencies.size(); ++i) {
+            samples[i].push_back(run_once(workers, concurrencies[i]));
+            if (!first_run) {
+                first_run = samples[i].back();
+            }
+        }
+    }
+
+    boost::json::array runs;
+    for (auto& configuration : samples) {
+        runs.push_back(to_json(std::move(configuration)));
+    }
+    const run_result& first = *first_run;
+    boost::json::object report{
+        {"benchmark", "license-inprocess"},
+        {"cml_registration_delay_ms", 0},
+        {"hardware_threads", std::thread::hardware_concurrency()},
+        {"warm_up_run", warm_up},
+        {"first_run",
+         {{"concurrency", first.concurrency},
+          {"seconds", first.seconds},
+          {"operations_per_second", operations_of(first) / first.seconds},
+          {"heap_bytes_per_worker", per_worker(first.heap_before_workers, first.heap_with_workers, first.workers)},
+          {"rss_bytes_per_worker", per_worker(first.rss_before_workers, first.rss_with_workers, first.workers)}}},
+        {"runs", std::move(runs)}};
     std::cout << boost::json::serialize(report) << "\n";
     return 0;
 }

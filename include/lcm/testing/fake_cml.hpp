@@ -309,6 +309,13 @@ public:
     /// the host.
     client_session& session_of(std::size_t client)
     {
+        // The first clients find their session without the lock, because a session, once
+        // published, never moves or goes.
+        if (client < published_sessions_.size()) {
+            if (auto* found = published_sessions_[client].load(std::memory_order_acquire)) {
+                return *found;
+            }
+        }
         std::lock_guard lock(mutex_);
         if (client >= client_sessions_.size()) {
             client_sessions_.resize(client + 1);
@@ -316,6 +323,9 @@ public:
         auto& slot = client_sessions_[client];
         if (!slot) {
             slot = std::make_unique<client_session>(*this);
+            if (client < published_sessions_.size()) {
+                published_sessions_[client].store(slot.get(), std::memory_order_release);
+            }
         }
         return *slot;
     }
@@ -663,6 +673,8 @@ private:
     std::vector<issued_token> tokens_;
     // Indexed by client number; see `session_of`.
     std::vector<std::unique_ptr<client_session>> client_sessions_;
+    // The sessions of the first clients, readable without the lock.
+    std::array<std::atomic<client_session*>, 2> published_sessions_{};
     // Indexed like `options_.users`.
     std::vector<std::string> token_prefixes_;
     detail::random_generator token_random_;
