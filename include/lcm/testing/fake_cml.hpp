@@ -220,7 +220,6 @@ public:
         }
 
         settle_registration();
-        status = cml_licensing_status{};
         fill_status(status);
         end_request(reply);
         return reply;
@@ -609,19 +608,19 @@ private:
         return status;
     }
 
-    // Writes the licensing status into a default-constructed `status`, so that a reply's body
-    // is built in place instead of being moved into it.
+    // Overwrites every field of `status`, so that a reply's body is written in place instead of
+    // being built and moved into it.
     void fill_status(cml_licensing_status& status) const
     {
         status.registration_status = registration_;
+        status.registration_status_text.clear();
         status.authorization_status = authorization_;
+        status.authorization_status_text.clear();
         status.registration_attempted = attempted_at_;
         status.registration_succeeded = succeeded_at_;
         status.product_license = "CML_Enterprise";
         status.is_enterprise = true;
-        if (!failure_.empty()) {
-            status.registration_failure = cml_failure_reason(failure_);
-        }
+        status.registration_failure = failure_.empty() ? cml_failure_reason() : cml_failure_reason(failure_);
         if (authorization_ == cml_authorization_status::in_compliance) {
             // Short texts stay within the small-string buffer, so copying a status allocates
             // only the feature vector.
@@ -630,6 +629,13 @@ private:
             status.registration_expires = registration_expires_;
             status.authorization_expires = authorization_expires_;
             status.features = licensed_features();
+        }
+        else {
+            status.smart_account.reset();
+            status.virtual_account.reset();
+            status.registration_expires.reset();
+            status.authorization_expires.reset();
+            status.features.clear();
         }
     }
 
