@@ -236,7 +236,7 @@ public:
     ///
     /// Each path that awaits more than one call runs in a helper coroutine, which keeps every
     /// frame under 1 KiB, the largest that Asio's frame cache and glibc's thread cache take.
-    /// One frame over it costs more than the two small ones.
+    /// One frame over that size costs more than two frames under it.
     boost::asio::awaitable<reconcile::action> reconcile(const std::string&, license_task& task,
                                                         license_observation& observed)
     {
