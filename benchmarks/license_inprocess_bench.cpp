@@ -195,12 +195,13 @@ int main(int argc, char** argv)
     po::options_description description("lcm-bench-license-inprocess: license operations per second in one process\n"
                                         "Options");
     description.add_options()("help", "print this help and exit")(
-        "workers", po::value<std::size_t>()->default_value(100'000), "workers with a pending registration")(
-        "concurrency", po::value<std::vector<std::size_t>>()->multitoken()->default_value({16, 256}, "16 256"),
-        "reconciler concurrency limits to measure")(
-        "repetitions", po::value<std::size_t>()->default_value(5),
-        "timed runs of each concurrency limit; the output gives their median")(
-        "no-warm-up", "skip the untimed first run, for example under a profiler");
+        "workers", po::value<long long>()->default_value(100'000), "workers with a pending registration, 1 to 10000000")(
+        "concurrency", po::value<std::vector<long long>>()->multitoken()->default_value({16, 256}, "16 256"),
+        "reconciler concurrency limits to measure, each 1 to 100000")(
+        "repetitions", po::value<long long>()->default_value(5),
+        "timed runs of each concurrency limit, 1 to 1000; the output gives their median")(
+        "no-warm-up", "skip the untimed first run, for example under a profiler; \"first_run\" then "
+                      "reports the first timed run");
     po::variables_map arguments;
     try {
         po::store(po::parse_command_line(argc, argv, description), arguments);
@@ -215,16 +216,23 @@ int main(int argc, char** argv)
         return 0;
     }
 
-    const auto workers = arguments["workers"].as<std::size_t>();
-    const auto concurrencies = arguments["concurrency"].as<std::vector<std::size_t>>();
-    const auto repetitions = arguments["repetitions"].as<std::size_t>();
-    const bool warm_up = !arguments.count("no-warm-up");
-    if (workers == 0 || repetitions == 0 || concurrencies.empty() ||
-        std::find(concurrencies.begin(), concurrencies.end(), std::size_t{0}) != concurrencies.end()) {
-        std::cerr << "lcm-bench-license-inprocess: --workers, --repetitions and every --concurrency must be "
-                     "at least 1\n";
+    // Read as signed numbers, because an unsigned option takes "-5" as a huge count.
+    const auto in_range = [](long long value, long long max) { return value >= 1 && value <= max; };
+    const auto worker_count = arguments["workers"].as<long long>();
+    const auto concurrency_limits = arguments["concurrency"].as<std::vector<long long>>();
+    const auto repetition_count = arguments["repetitions"].as<long long>();
+    const bool limits_valid =
+        !concurrency_limits.empty() && std::all_of(concurrency_limits.begin(), concurrency_limits.end(),
+                                                   [&](long long limit) { return in_range(limit, 100'000); });
+    if (!in_range(worker_count, 10'000'000) || !in_range(repetition_count, 1'000) || !limits_valid) {
+        std::cerr << "lcm-bench-license-inprocess: invalid value: --workers must be 1 to 10000000, "
+                     "--repetitions 1 to 1000, and every --concurrency 1 to 100000\n";
         return 2;
     }
+    const auto workers = static_cast<std::size_t>(worker_count);
+    const std::vector<std::size_t> concurrencies(concurrency_limits.begin(), concurrency_limits.end());
+    const auto repetitions = static_cast<std::size_t>(repetition_count);
+    const bool warm_up = !arguments.count("no-warm-up");
 
     // The first run of a process faults in about 70 MB of fresh pages, which a long-running
     // control plane does once, so an untimed first run keeps that cost out of the medians. Its
