@@ -138,8 +138,8 @@ TEST_CASE("control plane program serves api", "[integration]")
         auto rejected = co_await send(port, std::move(unauthorized));
         CHECK(rejected.result() == http::status::unauthorized);
     };
-    // NOTE: on a loaded machine this test failed once with "Connection reset by peer", cause
-    // unknown. A failure prints the program's log, which the next one can be traced with.
+    // NOTE: on a loaded machine this test once failed with "Connection reset by peer", and the
+    // cause is unknown. A failure therefore prints the program's log.
     try {
         testing::run_with_timeout(context, body());
     }

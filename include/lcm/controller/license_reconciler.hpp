@@ -231,12 +231,11 @@ public:
     }
 
     /// Records progress (`started`, `started_at`) in `task`, the reconciler's own copy, and
-    /// moves its `cml_url` out. `observed` is the reconciler's own too: the reconcile moves
-    /// CML's status out of it, and puts a status read again in its place.
+    /// moves its `cml_url` out. Moves CML's status out of `observed`, also the reconciler's own,
+    /// and puts a status read again in its place.
     ///
-    /// Each path that awaits more than one call runs in a helper coroutine, which keeps every
-    /// frame under 1 KiB, the largest that Asio's frame cache and glibc's thread cache take.
-    /// One frame over that size costs more than two frames under it.
+    /// The paths that await more than one call run in helper coroutines, so that every frame
+    /// stays under 1 KiB, the largest that Asio's frame cache and glibc's thread cache take.
     boost::asio::awaitable<reconcile::action> reconcile(const std::string&, license_task& task,
                                                         license_observation& observed)
     {

@@ -302,19 +302,11 @@ public:
         std::optional<secret> bearer;
     };
 
-    /// Returns the session of the client numbered `client` (see `fake_cml::add_client`),
-    /// creating it on first use. Kept beside the host rather than in a table of the client,
-    /// so that the client finds it with the host lookup it makes anyway. It lives as long as
-    /// the host.
+    /// Returns the session of the client numbered `client` (see `fake_cml::add_client`), creating
+    /// it on first use. It lives beside the host, as long as the host, so that the client finds it
+    /// with the host lookup it makes anyway.
     client_session& session_of(std::size_t client)
     {
-        // The first clients find their session without the lock, because a session, once
-        // published, never moves or goes.
-        if (client < published_sessions_.size()) {
-            if (auto* found = published_sessions_[client].load(std::memory_order_acquire)) {
-                return *found;
-            }
-        }
         std::lock_guard lock(mutex_);
         if (client >= client_sessions_.size()) {
             client_sessions_.resize(client + 1);
@@ -322,9 +314,6 @@ public:
         auto& slot = client_sessions_[client];
         if (!slot) {
             slot = std::make_unique<client_session>(*this);
-            if (client < published_sessions_.size()) {
-                published_sessions_[client].store(slot.get(), std::memory_order_release);
-            }
         }
         return *slot;
     }
@@ -656,16 +645,14 @@ private:
         }
     }
 
-    // The members that every call reads come first, so that they share the first cache lines
-    // of an instance: with 100,000 hosts, the first call to each host misses the cache at each line.
+    // The members that every call reads come first, so that they share the first cache lines of
+    // an instance, which is cold at the first call to each of 100,000 hosts.
     mutable std::mutex mutex_;
     std::atomic<std::chrono::steady_clock::rep> latency_{0};
     bool faults_active_ = false;
     bool licensing_service_reachable_ = true;
     cml_registration_status registration_ = cml_registration_status::not_registered;
     cml_authorization_status authorization_ = cml_authorization_status::eval;
-    // The sessions of the first clients, readable without the lock.
-    std::array<std::atomic<client_session*>, 2> published_sessions_{};
     // A vector, because a host has one or two live tokens and 100,000 hosts each with a hash
     // table would take far more memory. Tokens are searched linearly.
     // NOTE: tokens leave only when revoked or presented after expiry, so a test that logs in
@@ -674,6 +661,8 @@ private:
     // Indexed like `options_.users`.
     std::vector<std::string> token_prefixes_;
     std::array<std::atomic<std::uint64_t>, cml_call_count> received_{};
+    // Indexed by client number (see `session_of`).
+    std::vector<std::unique_ptr<client_session>> client_sessions_;
     const fake_cml_options& options_;
 
     timestamp completes_at_{};
@@ -686,8 +675,6 @@ private:
     std::string pending_failure_;
 
     const std::string name_;
-    // Indexed by client number; see `session_of`.
-    std::vector<std::unique_ptr<client_session>> client_sessions_;
     detail::random_generator token_random_;
     fake_cml_faults faults_;
     detail::random_generator fault_random_;
@@ -790,9 +777,9 @@ private:
 /// replies with `map_cml_status` exactly as the HTTP client does.
 ///
 /// It logs in as one user and caches one bearer token per instance, in a session the instance
-/// keeps for it (see `fake_cml_instance::session_of`). A reply of 401 makes
-/// it log in again once and repeat the request once. A dropped connection fails with
-/// `unavailable`, whether or not the instance applied the request.
+/// keeps for it (see `fake_cml_instance::session_of`). A reply of 401 makes it log in again
+/// once and repeat the request once. A dropped connection fails with `unavailable`, whether
+/// or not the instance applied the request.
 ///
 /// Each call first waits the instance's injected latency on a timer, if any. That wait is
 /// the only suspension point. Cancelling it fails the call with `cancelled`, and the
