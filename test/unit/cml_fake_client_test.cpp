@@ -211,6 +211,45 @@ TEST_CASE("fake client registration completes later", "[cml][fake]")
     CHECK(late.value().product_license == "CML_Enterprise");
 }
 
+TEST_CASE("fake client reads the status into the caller's object", "[cml][fake]")
+{
+    lcm::testing::fake_cml cml;
+    lcm::testing::fake_cml_client client(cml, admin());
+    lcm::testing::fake_cml_client wrong_password(cml, {"admin", lcm::secret("not-the-password")});
+
+    // Each in-place read goes into the same object, and must equal a fresh read by value.
+    using reads = std::tuple<result<void>, bool, result<void>, bool, result<void>>;
+    const auto [registered, same_registered, deregistered, same_deregistered, refused] =
+        run([&]() -> awaitable<reads> {
+            lcm::cml_licensing_status status;
+            auto accepted = co_await client.register_license(lab1, valid_token, false);
+            REQUIRE(accepted);
+            auto first = co_await lcm::read_licensing_status(client, lab1, status);
+            auto by_value = co_await client.get_licensing_status(lab1);
+            const bool first_same = by_value && status == by_value.value() &&
+                                    status.registration_status == cml_registration_status::completed &&
+                                    !status.features.empty() && status.smart_account.has_value();
+
+            auto released = co_await client.deregister_license(lab1);
+            REQUIRE(released);
+            auto second = co_await lcm::read_licensing_status(client, lab1, status);
+            by_value = co_await client.get_licensing_status(lab1);
+            const bool second_same = by_value && status == by_value.value() &&
+                                     status.registration_status == cml_registration_status::not_registered &&
+                                     status.features.empty() && !status.smart_account.has_value();
+
+            auto failed = co_await lcm::read_licensing_status(wrong_password, lab1, status);
+            co_return reads{first, first_same, second, second_same, failed};
+        }());
+
+    CHECK(registered);
+    CHECK(same_registered);
+    CHECK(deregistered);
+    CHECK(same_deregistered);
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error() == lcm::errc::unauthorized);
+}
+
 TEST_CASE("fake client rejected token stays secret", "[cml][fake]")
 {
     lcm::testing::fake_cml_options options;

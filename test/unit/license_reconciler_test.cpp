@@ -611,11 +611,12 @@ TEST_CASE("stale report is rejected", "[license]")
     // of the task, which the reconcile may change.
     auto reconcile_once = [](handler_type& handler, const std::string& worker_id,
                              lcm::controller::license_task task) -> awaitable<lcm::reconcile::action> {
-        auto status = co_await handler.read_status(worker_id, task);
-        if (!status) {
-            throw std::runtime_error("reading CML's status failed: " + status.error().message());
+        lcm::controller::license_observation observed;
+        auto read = co_await handler.read_status(worker_id, task, observed);
+        if (!read) {
+            throw std::runtime_error("reading CML's status failed: " + read.error().message());
         }
-        co_return co_await handler.reconcile(worker_id, task, status.value());
+        co_return co_await handler.reconcile(worker_id, task, observed);
     };
     auto read_task = [](handler_type& handler, const std::string& worker_id) -> awaitable<lcm::controller::license_task> {
         auto spec = co_await handler.read_spec(worker_id);

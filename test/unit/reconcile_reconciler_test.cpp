@@ -9,6 +9,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -566,6 +570,77 @@ TEST_CASE("exception in reconcile is retried", "[reconcile]")
     CHECK(thrown[0].fields.at("exception") == "bug in reconcile");
     CHECK(thrown[0].fields.at("key") == "a");
     CHECK(thrown[0].fields.at("stage") == "reconcile");
+    CHECK(report.pending.empty());
+}
+
+namespace {
+
+// The observed state of `in_place_handler`: what its reads wrote into the reconciler's object.
+struct written_status {
+    std::string text;
+    int writes = 0;
+};
+
+// Reads the status into the reconciler's own object, and fails the first read of each key.
+struct in_place_handler {
+    std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
+    std::shared_ptr<std::map<std::string, int>> reads = std::make_shared<std::map<std::string, int>>();
+    std::shared_ptr<strings> reconciled = std::make_shared<strings>();
+
+    awaitable<lcm::result<strings>> list_keys() { co_return strings{}; }
+
+    awaitable<lcm::result<std::optional<std::string>>> read_spec(const std::string& key) { co_return key; }
+
+    awaitable<lcm::result<void>> read_status(const std::string& key, std::string&, written_status& status)
+    {
+        ++status.writes;
+        status.text = "status of " + key;
+        std::lock_guard lock(*mutex);
+        if (++(*reads)[key] == 1) {
+            co_return unavailable();
+        }
+        co_return lcm::success();
+    }
+
+    awaitable<action> reconcile(const std::string& key, std::string&, written_status& status)
+    {
+        std::lock_guard lock(*mutex);
+        reconciled->push_back(key + ": " + status.text + ", writes " + std::to_string(status.writes));
+        co_return action::done();
+    }
+};
+
+static_assert(lcm::reconcile::reconcile_handler<in_place_handler, std::string, std::string, written_status>);
+static_assert(lcm::reconcile::reads_status_in_place<in_place_handler, std::string, std::string, written_status>);
+static_assert(!lcm::reconcile::reads_status_in_place<scripted_handler, std::string, std::string, std::string>);
+
+} // namespace
+
+TEST_CASE("handler may read the status in place", "[reconcile]")
+{
+    boost::asio::io_context context;
+    manual_clock clock;
+    in_place_handler handler;
+    auto options = test_options();
+    options.backoff = {1s, 1s};
+    lcm::reconcile::reconciler<std::string, written_status, std::string, manual_clock> reconciler(
+        context.get_executor(), handler, options, clock);
+    reconciler.enqueue("a");
+    reconciler.enqueue("b");
+
+    auto report = lcm::testing::run_with_timeout(context, run_scenario(reconciler, [&]() -> awaitable<void> {
+        co_await settle();
+        CHECK(handler.reconciled->empty());
+        clock.advance(1s);
+        co_await wait_until([&] { return handler.reconciled->size() == 2; }, "both keys reconciled");
+        co_await settle();
+    }()));
+
+    // Each attempt reads into a fresh status, so the retry after the failed read writes once.
+    auto reconciled = *handler.reconciled;
+    std::sort(reconciled.begin(), reconciled.end());
+    CHECK(reconciled == strings{"a: status of a, writes 1", "b: status of b, writes 1"});
+    CHECK(*handler.reads == std::map<std::string, int>{{"a", 2}, {"b", 2}});
     CHECK(report.pending.empty());
 }
 

@@ -347,4 +347,44 @@ concept cml_client = requires(C& client, const cml_endpoint& endpoint, const sec
     } -> std::same_as<boost::asio::awaitable<result<cml_deregistration_outcome>>>;
 };
 
+/// Whether a client can also read CML's licensing status into the caller's object:
+/// `get_licensing_status(endpoint, status)`, which overwrites every field of `status` on success
+/// and leaves it unspecified on failure.
+template <class C>
+concept cml_client_reads_in_place = requires(C& client, const cml_endpoint& endpoint, cml_licensing_status& status) {
+    { client.get_licensing_status(endpoint, status) } -> std::same_as<boost::asio::awaitable<result<void>>>;
+};
+
+namespace detail {
+
+template <cml_client C>
+boost::asio::awaitable<result<void>> assign_licensing_status(C& client, const cml_endpoint& endpoint,
+                                                            cml_licensing_status& status)
+{
+    auto read = co_await client.get_licensing_status(endpoint);
+    if (!read) {
+        co_return read.error();
+    }
+    status = std::move(read).value();
+    co_return result<void>(boost::outcome_v2::success());
+}
+
+} // namespace detail
+
+/// Reads CML's licensing status into `status` and overwrites it on success. On failure `status`
+/// is unspecified. Uses the client's in-place read when it has one, which saves moving the status
+/// out of two coroutines, and otherwise assigns the result of `get_licensing_status(endpoint)`.
+/// `endpoint` and `status` must outlive the returned awaitable.
+template <cml_client C>
+boost::asio::awaitable<result<void>> read_licensing_status(C& client, const cml_endpoint& endpoint,
+                                                          cml_licensing_status& status)
+{
+    if constexpr (cml_client_reads_in_place<C>) {
+        return client.get_licensing_status(endpoint, status);
+    }
+    else {
+        return detail::assign_licensing_status(client, endpoint, status);
+    }
+}
+
 } // namespace lcm

@@ -121,17 +121,21 @@ domain::registration_details registration_details_of(Status&& status)
     details.authorization_status = status.authorization_status == cml_authorization_status::unknown
                                        ? std::string(pass(status.authorization_status_text))
                                        : std::string(to_string(status.authorization_status));
+    // Each feature and CML's info are built in their final place, which saves moving their strings.
     details.features.reserve(status.features.size());
     for (auto& feature : status.features) {
-        details.features.push_back(
-            {pass(feature.id), pass(feature.name), pass(feature.version), pass(feature.status), feature.in_use});
+        auto& added = details.features.emplace_back();
+        added.id = pass(feature.id);
+        added.name = pass(feature.name);
+        added.version = pass(feature.version);
+        added.status = pass(feature.status);
+        added.in_use = feature.in_use;
     }
     // Reserved and filled, because the initializer-list constructor allocates the table twice.
-    boost::json::object info;
+    auto& info = details.cml_info.emplace_object();
     info.reserve(2);
     info.emplace("product_license", status.product_license);
     info.emplace("is_enterprise", status.is_enterprise);
-    details.cml_info = std::move(info);
     return details;
 }
 
@@ -216,18 +220,22 @@ public:
         co_return spec_of(worker_id, std::move(claim), requested_at);
     }
 
-    /// Borrows `task.cml_url` for the call and puts it back, so that the URL is not copied.
-    boost::asio::awaitable<result<license_observation>> read_status(const std::string&, license_task& task)
+    /// Writes the observation into `observed`, the reconciler's own, so that CML's status is read
+    /// into its final place. Borrows `task.cml_url` for the call and puts it back, so that the URL
+    /// is not copied.
+    boost::asio::awaitable<result<void>> read_status(const std::string&, license_task& task,
+                                                     license_observation& observed)
     {
         // The decision depends only on the task and the time, so both calls agree.
         const auto now = options_.wall_clock();
         if (task.claim_holder != options_.controller_id || decide_before_cml(task, now, options_.decision)) {
-            co_return observation_without_cml(task, now);
+            observe_without_cml(task, now, observed);
+            co_return result<void>(boost::outcome_v2::success());
         }
         cml_endpoint endpoint{std::move(task.cml_url)};
-        auto status = co_await cml_->get_licensing_status(endpoint);
+        auto read = co_await read_licensing_status(*cml_, endpoint, observed.cml.emplace());
         task.cml_url = std::move(endpoint.base_url);
-        co_return observation_of(task, std::move(status));
+        co_return observe_cml_reply(task, read, observed);
     }
 
     /// Records progress (`started`, `started_at`) in `task`, the reconciler's own copy, and
@@ -331,30 +339,33 @@ private:
         return std::optional<license_task>(std::move(foreign));
     }
 
-    /// Builds the result of `read_status` when CML need not be read: the claim is another
+    /// Writes the observation of `read_status` when CML need not be read: the claim is another
     /// controller's, or a decision needs no status. A helper for the reason `spec_of` is.
-    result<license_observation> observation_without_cml(const license_task& task, timestamp now) const
+    void observe_without_cml(const license_task& task, timestamp now, license_observation& observed) const
     {
         if (task.claim_holder != options_.controller_id) {
-            return license_observation{std::nullopt, std::nullopt, task.claim_remaining};
+            observed.claimed_elsewhere_for = task.claim_remaining;
+            return;
         }
-        return license_observation{std::nullopt, decide_before_cml(task, now, options_.decision), std::nullopt};
+        observed.verdict = decide_before_cml(task, now, options_.decision);
     }
 
-    /// Builds the result of `read_status` from CML's reply. A helper for the reason `spec_of` is.
-    result<license_observation> observation_of(const license_task& task, result<cml_licensing_status>&& status) const
+    /// Completes the observation of `read_status` after CML's status was read into
+    /// `observed.cml`. On a failed read the status is dropped: a transient error is returned, a
+    /// permanent one becomes a verdict. A helper for the reason `spec_of` is.
+    result<void> observe_cml_reply(const license_task& task, const result<void>& read,
+                                   license_observation& observed) const
     {
-        if (status) {
-            // Built in place, because each move of CML's status moves a dozen strings.
-            return result<license_observation>(std::in_place_type<license_observation>, std::move(status).value(),
-                                               std::nullopt, std::nullopt);
+        if (read) {
+            return read;
         }
-        if (is_transient_cml_error(status.error())) {
-            log_cml_error(task, cml_call::get_licensing_status, status.error());
-            return status.error();
+        observed.cml.reset();
+        if (is_transient_cml_error(read.error())) {
+            log_cml_error(task, cml_call::get_licensing_status, read.error());
+            return read.error();
         }
-        return license_observation{std::nullopt, fail_for_cml_error(status.error(), cml_call::get_licensing_status),
-                                   std::nullopt};
+        observed.verdict = fail_for_cml_error(read.error(), cml_call::get_licensing_status);
+        return boost::outcome_v2::success();
     }
 
     license_decision decide(const license_task& task, const cml_licensing_status& status) const
@@ -414,11 +425,11 @@ private:
         }
         log_step("license registration posted to CML", task);
 
-        auto reread = co_await cml_->get_licensing_status(endpoint);
+        // Read into the status that the decision was taken from, which it replaces.
+        auto reread = co_await read_licensing_status(*cml_, endpoint, *observed.cml);
         if (!reread) {
             co_return reconcile::action::requeue_after(options_.poll_interval);
         }
-        observed.cml = std::move(reread).value();
         co_return std::nullopt;
     }
 

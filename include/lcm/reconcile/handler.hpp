@@ -60,7 +60,10 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 ///   each resync, and queues the keys that have no pending work.
 /// - `read_spec(key)` returns the desired state, or no value when nothing is desired: the key is
 ///   then done without a reconcile.
-/// - `read_status(key, spec)` returns the observed state.
+/// - `read_status(key, spec)` returns the observed state. Instead, a handler may offer
+///   `read_status(key, spec, status)`, returning `result<void>`: it writes the observed state into
+///   a default-constructed `Status` that the reconciler owns, which saves moving a large status out
+///   of two awaitables. A handler offers one of the two forms.
 /// - `reconcile(key, spec, status)` acts to bring the observed state to the desired one and returns
 ///   an `action`.
 /// - `spec` and `status` are the reconciler's own copies, which it discards after the reconcile.
@@ -81,9 +84,19 @@ concept reconcile_handler =
     requires(H& handler, const Key& key, Spec& owned_spec, Status& owned_status) {
         { handler.list_keys() } -> std::same_as<boost::asio::awaitable<result<std::vector<Key>>>>;
         { handler.read_spec(key) } -> std::same_as<boost::asio::awaitable<result<std::optional<Spec>>>>;
-        { handler.read_status(key, owned_spec) } -> std::same_as<boost::asio::awaitable<result<Status>>>;
         { handler.reconcile(key, owned_spec, owned_status) } -> std::same_as<boost::asio::awaitable<action>>;
-    };
+    } &&
+    (requires(H& handler, const Key& key, Spec& owned_spec) {
+        { handler.read_status(key, owned_spec) } -> std::same_as<boost::asio::awaitable<result<Status>>>;
+    } || (std::default_initializable<Status> && requires(H& handler, const Key& key, Spec& owned_spec, Status& status) {
+        { handler.read_status(key, owned_spec, status) } -> std::same_as<boost::asio::awaitable<result<void>>>;
+    }));
+
+/// Whether `H` writes the observed state into the reconciler's status instead of returning it.
+template <class H, class Key, class Spec, class Status>
+concept reads_status_in_place = requires(H& handler, const Key& key, Spec& owned_spec, Status& status) {
+    { handler.read_status(key, owned_spec, status) } -> std::same_as<boost::asio::awaitable<result<void>>>;
+};
 
 /// Whether `H` has the optional terminal-failure hook.
 template <class H, class Key>

@@ -369,6 +369,16 @@ private:
                 auto spec = co_await handler_->read_spec(key);
                 if (!spec) {
                     outcome = action::retry(spec.error());
+                } else if (spec.value() && handler_->reads_status_in_place()) {
+                    stage = "read_status";
+                    std::optional<Status> status;
+                    auto read = co_await handler_->read_status(key, *spec.value(), status);
+                    if (!read) {
+                        outcome = action::retry(read.error());
+                    } else {
+                        stage = "reconcile";
+                        outcome = co_await handler_->reconcile(key, *spec.value(), *status);
+                    }
                 } else if (spec.value()) {
                     stage = "read_status";
                     auto status = co_await handler_->read_status(key, *spec.value());

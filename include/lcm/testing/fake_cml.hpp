@@ -818,16 +818,21 @@ public:
 
         // The instance writes the status straight into the result, which saves a move of it.
         result<cml_licensing_status> answer(std::in_place_type<cml_licensing_status>);
-        auto reply = exchange(current, [&answer](fake_cml_instance& host, std::string_view bearer) {
-            return host.get_licensing_status(bearer, answer.value());
-        });
-        if (!reply) {
-            co_return reply.error();
-        }
-        if (auto mapped = map_cml_status(cml_call::get_licensing_status, reply.value().status); !mapped) {
-            co_return mapped.error();
+        if (auto read = read_status(current, answer.value()); !read) {
+            co_return read.error();
         }
         co_return std::move(answer);
+    }
+
+    /// Reads the status into `status`, overwriting every field on success (see
+    /// `cml_client_reads_in_place`).
+    boost::asio::awaitable<result<void>> get_licensing_status(const cml_endpoint& endpoint, cml_licensing_status& status)
+    {
+        auto& current = session_for(endpoint);
+        if (current.host->latency().count() > 0 && co_await wait_latency(*current.host)) {
+            co_return make_error_code(errc::cancelled);
+        }
+        co_return read_status(current, status);
     }
 
     boost::asio::awaitable<result<void>> register_license(const cml_endpoint& endpoint, const secret& token,
@@ -885,6 +890,20 @@ private:
         co_return error == boost::asio::error::operation_aborted;
     }
 
+    result<void> read_status(session& current, cml_licensing_status& status)
+    {
+        auto reply = exchange(current, [&status](fake_cml_instance& host, std::string_view bearer) {
+            return host.get_licensing_status(bearer, status);
+        });
+        if (!reply) {
+            return reply.error();
+        }
+        if (auto mapped = map_cml_status(cml_call::get_licensing_status, reply.value().status); !mapped) {
+            return mapped.error();
+        }
+        return boost::outcome_v2::success();
+    }
+
     // Logs in with the client's credentials; the caller holds the session's mutex.
     result<void> log_in(session& current)
     {
@@ -936,5 +955,6 @@ private:
 };
 
 static_assert(cml_client<fake_cml_client>);
+static_assert(cml_client_reads_in_place<fake_cml_client>);
 
 } // namespace lcm::testing

@@ -3,6 +3,7 @@
 
 #include <lcm/reconcile/handler.hpp>
 
+#include <optional>
 #include <utility>
 
 namespace lcm::reconcile::detail {
@@ -13,7 +14,12 @@ public:
     virtual ~handler_base() = default;
     virtual boost::asio::awaitable<result<std::vector<Key>>> list_keys() = 0;
     virtual boost::asio::awaitable<result<std::optional<Spec>>> read_spec(const Key& key) = 0;
+    /// Whether the reconciler should call the second `read_status`, which writes into its status.
+    virtual bool reads_status_in_place() const noexcept = 0;
     virtual boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) = 0;
+    /// Emplaces the status and writes the observed state into it.
+    virtual boost::asio::awaitable<result<void>> read_status(const Key& key, Spec& spec,
+                                                             std::optional<Status>& status) = 0;
     virtual boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, Status& status) = 0;
     virtual boost::asio::awaitable<void> on_terminal_failure(const Key& key, const terminal_failure& failure) = 0;
 };
@@ -32,9 +38,27 @@ public:
         return handler_.read_spec(key);
     }
 
+    bool reads_status_in_place() const noexcept override { return in_place; }
+
+    // The reconciler calls only the form of `read_status` that the handler has. The other form
+    // adapts it in a coroutine of its own, so that each override is correct on its own.
+
     boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) override
     {
-        return handler_.read_status(key, spec);
+        if constexpr (in_place) {
+            return read_into_returned(key, spec);
+        } else {
+            return handler_.read_status(key, spec);
+        }
+    }
+
+    boost::asio::awaitable<result<void>> read_status(const Key& key, Spec& spec, std::optional<Status>& status) override
+    {
+        if constexpr (in_place) {
+            return handler_.read_status(key, spec, status.emplace());
+        } else {
+            return read_returned_into(key, spec, status);
+        }
     }
 
     boost::asio::awaitable<action> reconcile(const Key& key, Spec& spec, Status& status) override
@@ -52,7 +76,29 @@ public:
     }
 
 private:
+    static constexpr bool in_place = lcm::reconcile::reads_status_in_place<H, Key, Spec, Status>;
+
     static boost::asio::awaitable<void> no_hook() { co_return; }
+
+    boost::asio::awaitable<result<Status>> read_into_returned(const Key& key, Spec& spec)
+    {
+        result<Status> status(std::in_place_type<Status>);
+        auto read = co_await handler_.read_status(key, spec, status.value());
+        if (!read) {
+            co_return read.error();
+        }
+        co_return status;
+    }
+
+    boost::asio::awaitable<result<void>> read_returned_into(const Key& key, Spec& spec, std::optional<Status>& status)
+    {
+        auto read = co_await handler_.read_status(key, spec);
+        if (!read) {
+            co_return read.error();
+        }
+        status.emplace(std::move(read).value());
+        co_return success();
+    }
 
     H handler_;
 };
