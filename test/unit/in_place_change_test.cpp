@@ -8,6 +8,10 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -97,6 +101,106 @@ TEST_CASE("failed transition changes nothing", "[domain][in_place]")
     CHECK(worker == before);
     CHECK(worker.revision() == revision_before);
     CHECK(worker.events().empty());
+}
+
+namespace {
+
+// The number of allocations left before `operator new` of this thread fails. A negative number
+// never fails.
+thread_local int allocations_until_failure = -1;
+
+// Runs `transition` with its allocation number `failing` (from 0) failing. Returns whether it
+// threw `std::bad_alloc`, and stores in `succeeded` whether it returned true otherwise.
+template <class Transition>
+bool throws_at_allocation(int failing, Transition& transition, bool& succeeded)
+{
+    allocations_until_failure = failing;
+    try {
+        succeeded = transition();
+    }
+    catch (const std::bad_alloc&) {
+        allocations_until_failure = -1;
+        return true;
+    }
+    allocations_until_failure = -1;
+    return false;
+}
+
+// Fails each allocation of `transition` in turn, on `worker` whose license fields are shared
+// with a copy when `shared`, and checks that each failure left the worker as it was. Returns the
+// number of failures. At the end the transition succeeds.
+template <class Transition>
+int fail_each_allocation(lcm::domain::cml_worker& worker, bool shared, Transition transition)
+{
+    int failures = 0;
+    for (int failing = 0; failing < 100; ++failing) {
+        // A copy shares the license fields, so that the transition must change a copy of them.
+        const auto copy = shared ? std::optional<lcm::domain::cml_worker>(worker) : std::nullopt;
+        const lcm::domain::cml_license::fields license_before = worker.license().state();
+        const auto events_before = worker.events().size();
+        const auto revision_before = worker.revision();
+        bool succeeded = false;
+        if (!throws_at_allocation(failing, transition, succeeded)) {
+            REQUIRE(succeeded);
+            break;
+        }
+        ++failures;
+        CHECK(worker.license().state() == license_before);
+        CHECK(worker.events().size() == events_before);
+        CHECK(worker.revision() == revision_before);
+    }
+    return failures;
+}
+
+} // namespace
+
+// Replaces the global allocation functions of the test program, so that a test can make an
+// allocation fail. They behave as the standard ones while no failure is set.
+// Not inlined, so that the compiler does not pair their malloc and free with each new and delete.
+__attribute__((noinline)) void* operator new(std::size_t size)
+{
+    if (allocations_until_failure == 0) {
+        throw std::bad_alloc();
+    }
+    if (allocations_until_failure > 0) {
+        --allocations_until_failure;
+    }
+    if (void* memory = std::malloc(size == 0 ? 1 : size)) {
+        return memory;
+    }
+    throw std::bad_alloc();
+}
+
+__attribute__((noinline)) void operator delete(void* memory) noexcept { std::free(memory); }
+
+__attribute__((noinline)) void operator delete(void* memory, std::size_t) noexcept { std::free(memory); }
+
+TEST_CASE("transition that throws records nothing", "[domain][in_place]")
+{
+    const bool shared = GENERATE(false, true);
+    CAPTURE(shared);
+    auto worker = sample_worker();
+    const auto operation_id = worker.request_license_registration(lcm::secret(token), false, "admin").value();
+    const std::string holder = "controller-with-an-id-longer-than-inline-strings";
+    std::uint64_t fence = 0;
+
+    CHECK(fail_each_allocation(worker, shared, [&] {
+              auto claimed = worker.claim_license_operation(holder, 30s, lcm::now_utc());
+              fence = claimed ? claimed.value() : 0;
+              return claimed.has_value();
+          }) > 0);
+    CHECK(fail_each_allocation(worker, shared, [&] {
+              return worker.start_license_operation({operation_id, fence}).has_value();
+          }) > 0);
+    CHECK(fail_each_allocation(worker, shared, [&] {
+              lcm::domain::registration_details details;
+              details.smart_account = "smart account of the example company";
+              details.features.push_back({"CML_ENTERPRISE_FEATURE", "CML Enterprise feature", "1.0", "IN_COMPLIANCE", 1});
+              return worker.complete_license_registration({operation_id, fence}, std::move(details)).has_value();
+          }) > 0);
+
+    CHECK(worker.license().status() == lcm::domain::license_status::registered);
+    CHECK(worker.events().size() == 4);
 }
 
 TEST_CASE("repository loan saves when told", "[storage][in_place]")

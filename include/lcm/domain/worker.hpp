@@ -193,11 +193,13 @@ public:
         if (status == state_.status) {
             return;
         }
-        worker_status_changed event{{state_.id, 0, now, std::string(initiated_by)}, state_.status, status};
-        events_.reserve(events_.size() + 1);
+        event_in_place<worker_status_changed> event(events_);
+        event->header = {state_.id, 0, now, std::string(initiated_by)};
+        event->previous_status = state_.status;
+        event->status = status;
+        event.commit();
         state_.status = status;
         touch(now);
-        events_.push_back(std::move(event));
     }
 
     /// Records the intent to register `token` on this worker and returns the operation id.
@@ -228,14 +230,15 @@ public:
         }
 
         std::string requested_by(initiated_by);
-        license_registration_requested event{{state_.id, license.operation_id + 1, now, requested_by}, reregister};
-        events_.reserve(events_.size() + 1);
+        event_in_place<license_registration_requested> event(events_);
+        event->header = {state_.id, license.operation_id + 1, now, requested_by};
+        event->reregister = reregister;
         auto& next = edit_license();
+        event.commit();
         begin_operation(next, license_operation::registration, std::move(requested_by), now);
         next.pending_token = std::move(token);
         next.reregister = reregister;
         touch(now);
-        events_.push_back(std::move(event));
         return next.operation_id;
     }
 
@@ -261,12 +264,12 @@ public:
         }
 
         std::string requested_by(initiated_by);
-        license_deregistration_requested event{{state_.id, license.operation_id + 1, now, requested_by}};
-        events_.reserve(events_.size() + 1);
+        event_in_place<license_deregistration_requested> event(events_);
+        event->header = {state_.id, license.operation_id + 1, now, requested_by};
         auto& next = edit_license();
+        event.commit();
         begin_operation(next, license_operation::deregistration, std::move(requested_by), now);
         touch(now);
-        events_.push_back(std::move(event));
         return next.operation_id;
     }
 
@@ -306,14 +309,17 @@ public:
 
         const auto fence = license.fence + 1;
         std::string new_holder(holder);
-        license_operation_claimed event{header(now), new_holder, fence, expires_at};
-        events_.reserve(events_.size() + 1);
+        event_in_place<license_operation_claimed> event(events_);
+        fill_header(event->header, now);
+        event->holder = new_holder;
+        event->fence = fence;
+        event->expires_at = expires_at;
         auto& next = edit_license();
+        event.commit();
         next.claim_holder = std::move(new_holder);
         next.claim_expires_at = expires_at;
         next.fence = fence;
         touch(now);
-        events_.push_back(std::move(event));
         return fence;
     }
 
@@ -336,17 +342,12 @@ public:
             return errc::worker_not_running;
         }
 
-        const auto attempt = license.attempts + 1;
-        domain_event event = license.pending_operation == license_operation::registration
-                                 ? domain_event(license_registration_started{header(now), attempt})
-                                 : domain_event(license_deregistration_started{header(now), attempt});
-        events_.reserve(events_.size() + 1);
-        auto& next = edit_license();
-        next.operation_in_progress = true;
-        next.started_at = now;
-        next.attempts = attempt;
-        touch(now);
-        events_.push_back(std::move(event));
+        if (license.pending_operation == license_operation::registration) {
+            start_operation<license_registration_started>(now);
+        }
+        else {
+            start_operation<license_deregistration_started>(now);
+        }
         return success();
     }
 
@@ -362,14 +363,18 @@ public:
             return success();
         }
 
-        license_registration_completed event{header(now), details.expiry_date, details.smart_account,
-                                             details.virtual_account, details.authorization_status, {}};
-        event.features.reserve(details.features.size());
+        event_in_place<license_registration_completed> event(events_);
+        fill_header(event->header, now);
+        event->expiry_date = details.expiry_date;
+        event->smart_account = details.smart_account;
+        event->virtual_account = details.virtual_account;
+        event->authorization_status = details.authorization_status;
+        event->features.reserve(details.features.size());
         for (const auto& feature : details.features) {
-            event.features.push_back(feature.name);
+            event->features.push_back(feature.name);
         }
-        events_.reserve(events_.size() + 1);
         auto& next = edit_license();
+        event.commit();
         finish_operation(next, operation_outcome::completed, now);
         next.status = license_status::registered;
         next.token = std::exchange(next.pending_token, std::nullopt);
@@ -380,7 +385,6 @@ public:
         next.features = std::move(details.features);
         next.cml_info = std::move(details.cml_info);
         touch(now);
-        events_.push_back(std::move(event));
         return success();
     }
 
@@ -410,9 +414,11 @@ public:
         if (warning) {
             detail::redact_in_place(*warning, state_.license.token());
         }
-        license_deregistration_completed event{header(now), warning};
-        events_.reserve(events_.size() + 1);
+        event_in_place<license_deregistration_completed> event(events_);
+        fill_header(event->header, now);
+        event->warning = warning;
         auto& next = edit_license();
+        event.commit();
         finish_operation(next, operation_outcome::completed, now);
         next.status = license_status::unregistered;
         next.token.reset();
@@ -424,7 +430,6 @@ public:
         next.cml_info = nullptr;
         next.last_warning = std::move(warning);
         touch(now);
-        events_.push_back(std::move(event));
         return success();
     }
 
@@ -468,9 +473,78 @@ private:
         return {};
     }
 
-    event_header header(timestamp now) const
+    /// An event that a transition builds in place at the end of the recorded events, which saves
+    /// moving it there. The transition fills it, calls what may still throw, and commits it before
+    /// it changes the state. An event that was not committed is removed again, so a transition
+    /// that throws records nothing.
+    template <class Event>
+    class event_in_place {
+    public:
+        explicit event_in_place(std::vector<domain_event>& events) : events_(events)
+        {
+            events_.reserve(events_.size() + 1);
+            // Cannot throw: the room is reserved and an event's default constructor does not throw.
+            event_ = &std::get<Event>(events_.emplace_back(std::in_place_type<Event>));
+        }
+
+        event_in_place(const event_in_place&) = delete;
+        event_in_place& operator=(const event_in_place&) = delete;
+
+        ~event_in_place()
+        {
+            if (!committed_) {
+                events_.pop_back();
+            }
+        }
+
+        Event* operator->() const noexcept { return event_; }
+
+        void commit() noexcept { committed_ = true; }
+
+    private:
+        std::vector<domain_event>& events_;
+        Event* event_ = nullptr;
+        bool committed_ = false;
+    };
+
+    /// Fills the header of an event about the current operation.
+    void fill_header(event_header& header, timestamp now) const
     {
-        return {state_.id, state_.license.operation_id(), now, state_.license.requested_by()};
+        header.worker_id = state_.id;
+        header.operation_id = state_.license.operation_id();
+        header.occurred_at = now;
+        header.initiated_by = state_.license.requested_by();
+    }
+
+    /// Records the start of the pending operation with `Event`, its kind's started event.
+    template <class Event>
+    void start_operation(timestamp now)
+    {
+        const auto attempt = state_.license.attempts() + 1;
+        event_in_place<Event> event(events_);
+        fill_header(event->header, now);
+        event->attempt = attempt;
+        auto& next = edit_license();
+        event.commit();
+        next.operation_in_progress = true;
+        next.started_at = now;
+        next.attempts = attempt;
+        touch(now);
+    }
+
+    /// Records the failure of the pending operation with `Event`, its kind's failed event.
+    template <class Event>
+    void record_failure(operation_error error, timestamp now)
+    {
+        event_in_place<Event> event(events_);
+        fill_header(event->header, now);
+        event->error = error;
+        auto& next = edit_license();
+        event.commit();
+        finish_operation(next, operation_outcome::failed, now);
+        next.pending_token.reset();
+        next.last_error = std::move(error);
+        touch(now);
     }
 
     /// Sets the fields of a new operation in `next`. Changes nothing that can throw.
@@ -569,25 +643,21 @@ private:
         detail::redact_in_place(message, longer);
         detail::redact_in_place(message, shorter);
         operation_error error{std::move(error_code), std::move(message)};
-        domain_event event = kind == license_operation::registration
-                                 ? domain_event(license_registration_failed{header(now), error})
-                                 : domain_event(license_deregistration_failed{header(now), error});
-        events_.reserve(events_.size() + 1);
-        auto& next = edit_license();
-        finish_operation(next, operation_outcome::failed, now);
-        next.pending_token.reset();
-        next.last_error = std::move(error);
-        touch(now);
-        events_.push_back(std::move(event));
+        if (kind == license_operation::registration) {
+            record_failure<license_registration_failed>(std::move(error), now);
+        }
+        else {
+            record_failure<license_deregistration_failed>(std::move(error), now);
+        }
         return success();
     }
 
     /// Returns the license fields for a transition to change. They are the shared fields
     /// themselves when this worker holds the only reference to them, and otherwise a copy that
     /// replaces them first, so that no other copy of the worker ever sees a change. A
-    /// transition prepares everything that can throw (strings, the event, room for it) before
-    /// it calls this, and changes the fields only with operations that cannot throw, so a
-    /// failure leaves the worker as it was.
+    /// transition prepares everything that can throw (strings, its event in `event_in_place`)
+    /// before it calls this, commits the event after, and changes the fields only with
+    /// operations that cannot throw, so a failure leaves the worker as it was.
     cml_license::fields& edit_license()
     {
         auto& shared = state_.license.state_;
