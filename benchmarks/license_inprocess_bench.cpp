@@ -217,16 +217,26 @@ int main(int argc, char** argv)
     }
 
     // Read as signed numbers, because an unsigned option takes "-5" as a huge count.
-    const auto in_range = [](long long value, long long max) { return value >= 1 && value <= max; };
+    // Prints which option is out of range, and returns false for it.
+    const auto in_range = [](const char* option, long long value, long long max) {
+        if (value >= 1 && value <= max) {
+            return true;
+        }
+        std::cerr << "lcm-bench-license-inprocess: invalid --" << option << " " << value << ": it must be 1 to "
+                  << max << "\n";
+        return false;
+    };
     const auto worker_count = arguments["workers"].as<long long>();
     const auto concurrency_limits = arguments["concurrency"].as<std::vector<long long>>();
     const auto repetition_count = arguments["repetitions"].as<long long>();
-    const bool limits_valid =
-        !concurrency_limits.empty() && std::all_of(concurrency_limits.begin(), concurrency_limits.end(),
-                                                   [&](long long limit) { return in_range(limit, 100'000); });
-    if (!in_range(worker_count, 10'000'000) || !in_range(repetition_count, 1'000) || !limits_valid) {
-        std::cerr << "lcm-bench-license-inprocess: invalid value: --workers must be 1 to 10000000, "
-                     "--repetitions 1 to 1000, and every --concurrency 1 to 100000\n";
+    bool valid = in_range("workers", worker_count, 10'000'000) && in_range("repetitions", repetition_count, 1'000);
+    for (const auto limit : concurrency_limits) {
+        valid = valid && in_range("concurrency", limit, 100'000);
+    }
+    if (!valid || concurrency_limits.empty()) {
+        if (concurrency_limits.empty()) {
+            std::cerr << "lcm-bench-license-inprocess: missing --concurrency value: give at least one limit\n";
+        }
         return 2;
     }
     const auto workers = static_cast<std::size_t>(worker_count);

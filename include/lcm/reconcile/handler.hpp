@@ -63,7 +63,7 @@ concept reconcile_key = std::copy_constructible<Key> && std::equality_comparable
 /// - `read_status(key, spec)` returns the observed state. Instead, a handler may offer
 ///   `read_status(key, spec, status)`, returning `result<void>`: it writes the observed state into
 ///   a default-constructed `Status` that the reconciler owns, which saves moving a large status out
-///   of two awaitables. A handler offers one of the two forms.
+///   of two awaitables. A handler that has both forms is called with the second.
 /// - `reconcile(key, spec, status)` acts to bring the observed state to the desired one and returns
 ///   an `action`.
 /// - `spec` and `status` are the reconciler's own copies, which it discards after the reconcile.
