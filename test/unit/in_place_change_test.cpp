@@ -154,10 +154,9 @@ int fail_each_allocation(lcm::domain::cml_worker& worker, bool shared, Transitio
 
 } // namespace
 
-// Replaces the global allocation functions of the test program, so that a test can make an
-// allocation fail. They behave as the standard ones while no failure is set.
-// Not inlined, so that the compiler does not pair their malloc and free with each new and delete.
-__attribute__((noinline)) void* operator new(std::size_t size)
+namespace {
+
+void* allocate(std::size_t size)
 {
     if (allocations_until_failure == 0) {
         throw std::bad_alloc();
@@ -171,9 +170,47 @@ __attribute__((noinline)) void* operator new(std::size_t size)
     throw std::bad_alloc();
 }
 
+void* allocate_or_null(std::size_t size) noexcept
+{
+    try {
+        return allocate(size);
+    }
+    catch (const std::bad_alloc&) {
+        return nullptr;
+    }
+}
+
+} // namespace
+
+// Every global allocation function without an alignment, replaced so that a test can make an
+// allocation fail; otherwise they behave as the standard ones. Replacing only some would let a
+// sanitizer's `new` meet this `delete`. Not inlined, so that g++ does not warn about free on memory
+// from `new`.
+__attribute__((noinline)) void* operator new(std::size_t size) { return allocate(size); }
+
+__attribute__((noinline)) void* operator new[](std::size_t size) { return allocate(size); }
+
+__attribute__((noinline)) void* operator new(std::size_t size, const std::nothrow_t&) noexcept
+{
+    return allocate_or_null(size);
+}
+
+__attribute__((noinline)) void* operator new[](std::size_t size, const std::nothrow_t&) noexcept
+{
+    return allocate_or_null(size);
+}
+
 __attribute__((noinline)) void operator delete(void* memory) noexcept { std::free(memory); }
 
+__attribute__((noinline)) void operator delete[](void* memory) noexcept { std::free(memory); }
+
 __attribute__((noinline)) void operator delete(void* memory, std::size_t) noexcept { std::free(memory); }
+
+__attribute__((noinline)) void operator delete[](void* memory, std::size_t) noexcept { std::free(memory); }
+
+__attribute__((noinline)) void operator delete(void* memory, const std::nothrow_t&) noexcept { std::free(memory); }
+
+__attribute__((noinline)) void operator delete[](void* memory, const std::nothrow_t&) noexcept { std::free(memory); }
 
 TEST_CASE("transition that throws records nothing", "[domain][in_place]")
 {
