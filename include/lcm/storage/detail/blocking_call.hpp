@@ -6,6 +6,7 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -65,8 +66,18 @@ boost::asio::awaitable<result<T>> run_blocking(boost::asio::thread_pool& pool, s
     auto state = std::make_shared<blocking_call_state<T>>(executor);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
 
-    boost::asio::post(pool, [state, deadline, work = std::move(work)]() mutable {
+    // The guard keeps the caller's io_context from running out of work until this thread has
+    // dropped its reference to `state`, whose channel belongs to that context. Without it,
+    // run() could return once the channel delivered, and a caller could destroy the context
+    // while this thread still destroys the channel.
+    boost::asio::post(pool, [state, deadline, work = std::move(work),
+                             guard = boost::asio::make_work_guard(executor)]() mutable {
+        const auto release = [&] {
+            state.reset();
+            guard.reset();
+        };
         if (state->abandoned.load()) {
+            release();
             return;
         }
         std::optional<result<T>> outcome;
@@ -88,6 +99,7 @@ boost::asio::awaitable<result<T>> run_blocking(boost::asio::thread_pool& pool, s
             state->failure = failure;
         }
         state->done.try_send(boost::system::error_code{});
+        release();
     });
 
     boost::asio::steady_timer timer(executor, deadline + blocking_call_grace);
