@@ -211,43 +211,58 @@ TEST_CASE("fake client registration completes later", "[cml][fake]")
     CHECK(late.value().product_license == "CML_Enterprise");
 }
 
-TEST_CASE("fake client reads the status into the caller's object", "[cml][fake]")
+TEST_CASE("fake client reads status in place", "[cml][fake]")
 {
     lcm::testing::fake_cml cml;
     lcm::testing::fake_cml_client client(cml, admin());
     lcm::testing::fake_cml_client wrong_password(cml, {"admin", lcm::secret("not-the-password")});
 
-    // Each in-place read goes into the same object, and must equal a fresh read by value.
-    using reads = std::tuple<result<void>, bool, result<void>, bool, result<void>>;
-    const auto [registered, same_registered, deregistered, same_deregistered, refused] =
-        run([&]() -> awaitable<reads> {
-            lcm::cml_licensing_status status;
-            auto accepted = co_await client.register_license(lab1, valid_token, false);
-            REQUIRE(accepted);
-            auto first = co_await lcm::read_licensing_status(client, lab1, status);
-            auto by_value = co_await client.get_licensing_status(lab1);
-            const bool first_same = by_value && status == by_value.value() &&
-                                    status.registration_status == cml_registration_status::completed &&
-                                    !status.features.empty() && status.smart_account.has_value();
+    // Each in-place read goes into the same object. A copy of it after each read is compared with
+    // a fresh read by value.
+    struct reads {
+        result<void> registered;
+        lcm::cml_licensing_status after_registration;
+        result<lcm::cml_licensing_status> registered_by_value;
+        result<void> deregistered;
+        lcm::cml_licensing_status after_deregistration;
+        result<lcm::cml_licensing_status> deregistered_by_value;
+        result<void> refused;
+    };
+    const auto outcome = run([&]() -> awaitable<reads> {
+        lcm::cml_licensing_status status;
+        auto accepted = co_await client.register_license(lab1, valid_token, false);
+        REQUIRE(accepted);
+        auto registered = co_await lcm::read_licensing_status(client, lab1, status);
+        auto after_registration = status;
+        auto registered_by_value = co_await client.get_licensing_status(lab1);
 
-            auto released = co_await client.deregister_license(lab1);
-            REQUIRE(released);
-            auto second = co_await lcm::read_licensing_status(client, lab1, status);
-            by_value = co_await client.get_licensing_status(lab1);
-            const bool second_same = by_value && status == by_value.value() &&
-                                     status.registration_status == cml_registration_status::not_registered &&
-                                     status.features.empty() && !status.smart_account.has_value();
+        auto released = co_await client.deregister_license(lab1);
+        REQUIRE(released);
+        auto deregistered = co_await lcm::read_licensing_status(client, lab1, status);
+        auto after_deregistration = status;
+        auto deregistered_by_value = co_await client.get_licensing_status(lab1);
 
-            auto failed = co_await lcm::read_licensing_status(wrong_password, lab1, status);
-            co_return reads{first, first_same, second, second_same, failed};
-        }());
+        auto refused = co_await lcm::read_licensing_status(wrong_password, lab1, status);
+        co_return reads{registered,   after_registration,    registered_by_value, deregistered,
+                        after_deregistration, deregistered_by_value, refused};
+    }());
 
-    CHECK(registered);
-    CHECK(same_registered);
-    CHECK(deregistered);
-    CHECK(same_deregistered);
-    REQUIRE_FALSE(refused);
-    CHECK(refused.error() == lcm::errc::unauthorized);
+    CHECK(outcome.registered);
+    REQUIRE(outcome.registered_by_value);
+    CHECK(outcome.after_registration == outcome.registered_by_value.value());
+    CHECK(outcome.after_registration.registration_status == cml_registration_status::completed);
+    CHECK_FALSE(outcome.after_registration.features.empty());
+    CHECK(outcome.after_registration.smart_account.has_value());
+
+    CHECK(outcome.deregistered);
+    REQUIRE(outcome.deregistered_by_value);
+    CHECK(outcome.after_deregistration == outcome.deregistered_by_value.value());
+    CHECK(outcome.after_deregistration.registration_status == cml_registration_status::not_registered);
+    CHECK(outcome.after_deregistration.features.empty());
+    CHECK_FALSE(outcome.after_deregistration.smart_account.has_value());
+
+    REQUIRE_FALSE(outcome.refused);
+    CHECK(outcome.refused.error() == lcm::errc::unauthorized);
 }
 
 TEST_CASE("fake client rejected token stays secret", "[cml][fake]")

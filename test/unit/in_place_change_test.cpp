@@ -183,7 +183,7 @@ void* allocate_or_null(std::size_t size) noexcept
 } // namespace
 
 // Every global allocation function without an alignment, replaced so that a test can make an
-// allocation fail; otherwise they behave as the standard ones. Replacing only some would let a
+// allocation fail. Otherwise they behave as the standard ones. Replacing only some would let a
 // sanitizer's `new` meet this `delete`. Not inlined, so that g++ does not warn about free on memory
 // from `new`.
 __attribute__((noinline)) void* operator new(std::size_t size) { return allocate(size); }

@@ -616,7 +616,7 @@ static_assert(!lcm::reconcile::reads_status_in_place<scripted_handler, std::stri
 
 } // namespace
 
-TEST_CASE("handler may read the status in place", "[reconcile]")
+TEST_CASE("reconciler reads status in place", "[reconcile]")
 {
     boost::asio::io_context context;
     manual_clock clock;

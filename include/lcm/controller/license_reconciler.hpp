@@ -351,7 +351,7 @@ private:
     }
 
     /// Completes the observation of `read_status` after CML's status was read into
-    /// `observed.cml`. On a failed read the status is dropped: a transient error is returned, a
+    /// `observed.cml`. On a failed read the status is dropped. A transient error is returned, and a
     /// permanent one becomes a verdict. A helper for the reason `spec_of` is.
     result<void> observe_cml_reply(const license_task& task, const result<void>& read,
                                    license_observation& observed) const

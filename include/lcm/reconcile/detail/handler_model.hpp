@@ -4,6 +4,7 @@
 #include <lcm/reconcile/handler.hpp>
 
 #include <optional>
+#include <stdexcept>
 #include <utility>
 
 namespace lcm::reconcile::detail {
@@ -40,13 +41,13 @@ public:
 
     bool reads_status_in_place() const noexcept override { return in_place; }
 
-    // The reconciler calls only the form of `read_status` that the handler has. The other form
-    // adapts it in a coroutine of its own, so that each override is correct on its own.
+    // The reconciler calls only the form of `read_status` that the handler has, so the other
+    // override throws.
 
     boost::asio::awaitable<result<Status>> read_status(const Key& key, Spec& spec) override
     {
         if constexpr (in_place) {
-            return read_into_returned(key, spec);
+            throw std::logic_error("read_status returning a status called on a handler that reads in place");
         } else {
             return handler_.read_status(key, spec);
         }
@@ -57,7 +58,7 @@ public:
         if constexpr (in_place) {
             return handler_.read_status(key, spec, status.emplace());
         } else {
-            return read_returned_into(key, spec, status);
+            throw std::logic_error("read_status into a status called on a handler that returns it");
         }
     }
 
@@ -79,26 +80,6 @@ private:
     static constexpr bool in_place = lcm::reconcile::reads_status_in_place<H, Key, Spec, Status>;
 
     static boost::asio::awaitable<void> no_hook() { co_return; }
-
-    boost::asio::awaitable<result<Status>> read_into_returned(const Key& key, Spec& spec)
-    {
-        result<Status> status(std::in_place_type<Status>);
-        auto read = co_await handler_.read_status(key, spec, status.value());
-        if (!read) {
-            co_return read.error();
-        }
-        co_return status;
-    }
-
-    boost::asio::awaitable<result<void>> read_returned_into(const Key& key, Spec& spec, std::optional<Status>& status)
-    {
-        auto read = co_await handler_.read_status(key, spec);
-        if (!read) {
-            co_return read.error();
-        }
-        status.emplace(std::move(read).value());
-        co_return success();
-    }
 
     H handler_;
 };
